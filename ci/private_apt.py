@@ -41,10 +41,14 @@ def host_debian_mirror() -> tuple[str, str]:
         for stanza in re.split(r"\n\s*\n", text):
             uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
             suites = re.search(r"^Suites:\s*(.+)$", stanza, re.M)
-            if uris and suites and not uris.group(1).rstrip("/").endswith("-security"):
-                if any(s.strip() in _DEBIAN_SUITES for s in suites.group(1).split()):
-                    signed = re.search(r"^Signed-By:\s*(\S+)", stanza, re.M)
-                    return uris.group(1).rstrip("/"), signed.group(1) if signed else keyring
+            if (
+                uris
+                and suites
+                and not uris.group(1).rstrip("/").endswith("-security")
+                and any(s.strip() in _DEBIAN_SUITES for s in suites.group(1).split())
+            ):
+                signed = re.search(r"^Signed-By:\s*(\S+)", stanza, re.M)
+                return uris.group(1).rstrip("/"), signed.group(1) if signed else keyring
         # one-line format: deb [opts] URI suite components
         for match in re.finditer(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", text, re.M):
             if match.group(2) in _DEBIAN_SUITES and "security" not in match.group(1):

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from private_apt import PrivateApt, ProvisionError, cache_root, fail, unpack  # noqa: E402
+from private_apt import PrivateApt, ProvisionError, cache_root, fail, unpack
 
 RECIPE = "trixie-backports qemu-system-x86 v1"
 TRIPLET = "x86_64-linux-gnu"
