@@ -1,0 +1,456 @@
+"""Build the test guest (kernel + initramfs) from Debian bookworm packages, cached by recipe.
+
+Run as `python3 guests/build.py` (stdlib only: it runs before the venv exists). Prints the guest
+directory, which holds vmlinuz, initrd, client_key (OpenSSH private key for paramiko),
+host_key.pub (to pin the guest's identity), manifest.json and, written last, the stamp.
+
+Packages come from the host's own apt configuration through `apt-get download` and are unpacked
+with `dpkg-deb -x`: no root image, no mounts, no chroot. The initramfs is a gzip'd cpio (newc)
+written here, so no cpio tool is needed either. Keys are generated per build, never committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GUEST_FILES = (HERE / "init", HERE / "agent.py")
+
+# The recipe: anything that changes the image belongs here or in GUEST_FILES (both are hashed).
+KERNEL_META = "linux-image-cloud-amd64"  # resolves to linux-image-6.1.0-N-cloud-amd64
+KERNEL_SERIES = "linux-image-6.1.0-"
+PACKAGES = (
+    "busybox-static",
+    "dropbear-bin",
+    "libc6",
+    "libcrypt1",
+    "libtomcrypt1",
+    "libtommath1",
+    "libgmp10",
+    "zlib1g",
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libffi8",
+    "libexpat1",
+)
+# Modules the guest loads (deps are resolved with busybox depmod from the package's tree).
+MODULES = ("virtio_pci", "virtio_net", "vfio_pci", "vfio_iommu_type1")
+# From libpython3.11-stdlib only what the agent needs; libpython3.11-minimal is taken whole.
+STDLIB_EXTRA = ("ctypes", "json")
+DYNLOAD_EXTRA = ("_ctypes", "_json", "mmap")
+GUEST_PROGRAMS = ("usr/sbin/dropbear", "usr/bin/python3.11")
+READY_MARKER = "VIOMMU-GUEST-READY"  # also printed by guests/init; the fixture waits for it
+RECIPE_VERSION = 1
+
+
+class BuildError(Exception):
+    """A build step failed; the message is the one line the user sees."""
+
+
+def cache_root() -> Path:
+    env = os.environ.get("VIOMMU_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "viommu-conformance"
+
+
+def recipe_hash() -> str:
+    h = hashlib.sha256()
+    h.update(Path(__file__).read_bytes())
+    for f in GUEST_FILES:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def guest_dir() -> Path:
+    return cache_root() / f"guest-{recipe_hash()}"
+
+
+def is_built(d: Path) -> bool:
+    return (d / "stamp").is_file()
+
+
+def _run(argv: list[str], *, cwd: Path | None = None, timeout: float = 600) -> str:
+    try:
+        p = subprocess.run(
+            argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BuildError(f"{argv[0]}: {e}") from e
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BuildError(f"{' '.join(argv[:3])} ... failed ({p.returncode}): {last}")
+    return p.stdout
+
+
+def _apt_opts() -> list[str]:
+    # As root, apt drops to _apt for downloads, which cannot write into a private cache dir.
+    return ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+
+
+def resolve_kernel_package() -> str:
+    out = _run(["apt-cache", "depends", KERNEL_META])
+    m = re.search(rf"Depends: ({re.escape(KERNEL_SERIES)}\d+-cloud-amd64)\b", out)
+    if not m:
+        raise BuildError(
+            f"apt cannot resolve {KERNEL_META} to a {KERNEL_SERIES}* kernel: "
+            "the host's apt sources must serve Debian bookworm (run apt-get update)"
+        )
+    return m.group(1) + "-unsigned"
+
+
+def download(packages: Iterable[str], debs: Path) -> dict[str, Path]:
+    """apt-get download into a shared .deb cache; returns package name -> .deb path."""
+    names = list(packages)
+    uris = _run(["apt-get", *_apt_opts(), "download", "--print-uris", *names])
+    wanted: dict[str, Path] = {}
+    for line in uris.splitlines():
+        # 'URI' FILENAME SIZE HASH
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].startswith("'"):
+            fname = parts[1]
+            wanted[fname.split("_", 1)[0]] = debs / fname
+    missing = [n for n in names if n not in wanted]
+    if missing:
+        raise BuildError(f"apt has no candidate for: {' '.join(missing)}")
+    todo = [n for n, p in wanted.items() if not p.is_file()]
+    if todo:
+        _run(["apt-get", *_apt_opts(), "download", *todo], cwd=debs)
+    for n, p in wanted.items():
+        if not p.is_file():
+            raise BuildError(f"apt-get download did not produce {p.name} for {n}")
+    return wanted
+
+
+def unpack(debs: dict[str, Path], into: Path) -> dict[str, Path]:
+    roots = {}
+    for name, deb in debs.items():
+        root = into / name
+        root.mkdir(parents=True)
+        _run(["dpkg-deb", "-x", str(deb), str(root)])
+        roots[name] = root
+    return roots
+
+
+# --- ELF DT_NEEDED, so the library closure needs no ldd and no host libraries -----------------
+
+
+def elf_needed(path: Path) -> list[str]:
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        return []
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    loads: list[tuple[int, int, int]] = []
+    dyn = None
+    for i in range(phnum):
+        p_type, _f, p_off, p_vaddr, _pa, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + i * phentsize
+        )
+        if p_type == 1:
+            loads.append((p_vaddr, p_off, p_filesz))
+        elif p_type == 2:
+            dyn = (p_off, p_filesz)
+    if dyn is None:
+        return []
+
+    def to_off(vaddr: int) -> int:
+        for va, off, sz in loads:
+            if va <= vaddr < va + sz:
+                return off + vaddr - va
+        raise BuildError(f"{path}: bad ELF dynamic section")
+
+    needed, strtab = [], 0
+    for i in range(0, dyn[1], 16):
+        tag, val = struct.unpack_from("<qQ", data, dyn[0] + i)
+        if tag == 0:
+            break
+        if tag == 1:
+            needed.append(val)
+        elif tag == 5:
+            strtab = to_off(val)
+    return [data[strtab + n : data.index(b"\0", strtab + n)].decode() for n in needed]
+
+
+LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
+
+
+def library_closure(merged: Path, programs: Iterable[Path]) -> set[str]:
+    """Relative paths (inside `merged`) of every shared library the programs need."""
+    seen: set[str] = set()
+    todo = list(programs)
+    while todo:
+        for soname in elf_needed(todo.pop()):
+            for d in LIB_DIRS:
+                cand = merged / d / soname
+                if cand.exists():
+                    rel = f"{d}/{soname}"
+                    if rel not in seen:
+                        seen.add(rel)
+                        todo.append(cand.resolve())
+                    break
+            else:
+                raise BuildError(f"library {soname} not found in the unpacked packages")
+    return seen
+
+
+# --- the initramfs tree -------------------------------------------------------------------
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src.resolve(), dst)
+
+
+def _tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+
+
+def host_exec(merged: Path, program: str, *args: str) -> list[str]:
+    """argv running a dynamic program of the unpacked packages through their own loader."""
+    libs = ":".join(str(merged / d) for d in LIB_DIRS)
+    loader = merged / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    return [str(loader), "--inhibit-cache", "--library-path", libs, str(merged / program), *args]
+
+
+def assemble(roots: dict[str, Path], kernel_pkg: str, work: Path, out: Path) -> dict[str, str]:
+    merged = work / "merged"
+    for r in roots.values():
+        _tree(r, merged)
+    rootfs = work / "rootfs"
+    for d in ("proc", "sys", "dev", "tmp", "run", "root/.ssh", "etc/dropbear", "mnt", "var"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    (rootfs / "root").chmod(0o700)
+    (rootfs / "root/.ssh").chmod(0o700)
+
+    busybox = merged / "bin/busybox"
+    _copy(busybox, rootfs / "bin/busybox")
+    for applet in _run([str(busybox), "--list-full"]).split():
+        link = rootfs / applet
+        if not link.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+
+    # Programs and their library closure at their Debian paths, plus the ELF interpreter.
+    for prog in GUEST_PROGRAMS:
+        _copy(merged / prog, rootfs / prog)
+    (rootfs / "usr/bin/python3").symlink_to("python3.11")
+    pyroot = "usr/lib/python3.11"
+    _tree(roots["libpython3.11-minimal"] / pyroot, rootfs / pyroot)
+    std = roots["libpython3.11-stdlib"] / pyroot
+    for pkg in STDLIB_EXTRA:
+        _tree(std / pkg, rootfs / pyroot / pkg)
+    dynload = []
+    for mod in DYNLOAD_EXTRA:
+        (so,) = (std / "lib-dynload").glob(f"{mod}.cpython-*.so")
+        _copy(so, rootfs / pyroot / "lib-dynload" / so.name)
+        dynload.append(merged / pyroot / "lib-dynload" / so.name)
+    for test_dir in (rootfs / pyroot).glob("*/test"):
+        shutil.rmtree(test_dir)
+    programs = [merged / p for p in GUEST_PROGRAMS] + dynload
+    for rel in library_closure(merged, programs) | {"lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"}:
+        _copy(merged / rel, rootfs / rel)
+    (rootfs / "lib64").mkdir(exist_ok=True)
+    (rootfs / "lib64/ld-linux-x86-64.so.2").symlink_to("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+
+    # Kernel modules: depmod over the full tree, then the closure of MODULES, then depmod again.
+    kroot = roots[kernel_pkg]
+    (release,) = [p.name for p in (kroot / "lib/modules").iterdir()]
+    _run([str(busybox), "depmod", "-b", str(kroot), release])
+    deps = _parse_modules_dep(kroot / "lib/modules" / release / "modules.dep")
+    needed: set[str] = set()
+    for mod in MODULES:
+        rel = _find_module(deps, mod)
+        needed |= {rel, *deps[rel]}
+    mdir = f"lib/modules/{release}"
+    for rel in needed:
+        _copy(kroot / mdir / rel, rootfs / mdir / rel)
+    for f in ("modules.builtin", "modules.order", "modules.builtin.modinfo"):
+        if (kroot / mdir / f).exists():
+            _copy(kroot / mdir / f, rootfs / mdir / f)
+    _run([str(busybox), "depmod", "-b", str(rootfs), release])
+    (vmlinuz,) = (kroot / "boot").glob("vmlinuz-*")
+    shutil.copy2(vmlinuz, out / "vmlinuz")
+
+    # Identity: a host key pinned by the fixture and a client key paramiko loads.
+    keys = work / "keys"
+    keys.mkdir()
+    hostkey = rootfs / "etc/dropbear/dropbear_ed25519_host_key"
+    _run(host_exec(merged, "usr/bin/dropbearkey", "-t", "ed25519", "-f", str(hostkey)))
+    host_pub = _run(host_exec(merged, "usr/bin/dropbearkey", "-y", "-f", str(hostkey)))
+    client = keys / "client.dropbear"
+    _run(host_exec(merged, "usr/bin/dropbearkey", "-t", "ed25519", "-f", str(client)))
+    client_pub = _run(host_exec(merged, "usr/bin/dropbearkey", "-y", "-f", str(client)))
+    conv = host_exec(merged, "usr/bin/dropbearconvert", "dropbear", "openssh")
+    _run([*conv, str(client), str(out / "client_key")])
+    (out / "client_key").chmod(0o600)
+    (rootfs / "root/.ssh/authorized_keys").write_text(_pubkey_line(client_pub) + "\n")
+    (rootfs / "root/.ssh/authorized_keys").chmod(0o600)
+    (out / "host_key.pub").write_text(_pubkey_line(host_pub) + "\n")
+
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "etc/group").write_text("root:x:0:\n")
+    (rootfs / "etc/shells").write_text("/bin/sh\n")
+    _copy(HERE / "init", rootfs / "init")
+    (rootfs / "init").chmod(0o755)
+    _copy(HERE / "agent.py", rootfs / "usr/lib/viommu/agent.py")
+
+    # Byte-compile with the guest's own Python so the guest never compiles under TCG.
+    pycomp = host_exec(merged, "usr/bin/python3.11")
+    env_py = [*pycomp, "-I", "-S", "-m", "compileall", "-q", "-j", "0"]
+    _run([*env_py, "--invalidation-mode", "unchecked-hash", str(rootfs / pyroot)])
+    _run([*env_py, "--invalidation-mode", "unchecked-hash", str(rootfs / "usr/lib/viommu")])
+    # The agent must import in the guest's Python with only what the image carries.
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); import agent"
+    check = [*pycomp, "-I", "-S", "-c", probe, str(rootfs / "usr/lib/viommu")]
+    _run_env(check, {"PYTHONHOME": str(rootfs / "usr")})
+
+    with (
+        open(out / "initrd.tmp", "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
+    ):
+        write_cpio(rootfs, gz)
+    os.replace(out / "initrd.tmp", out / "initrd")
+    return {"kernel_release": release, "kernel_package": kernel_pkg}
+
+
+def _run_env(argv: list[str], env: dict[str, str]) -> None:
+    p = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, check=False, env={**os.environ, **env}
+    )
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BuildError(f"the agent does not import in the guest's Python: {last}")
+
+
+def _pubkey_line(dropbearkey_y: str) -> str:
+    for line in dropbearkey_y.splitlines():
+        if line.startswith("ssh-"):
+            return " ".join(line.split()[:2])
+    raise BuildError("dropbearkey -y printed no public key")
+
+
+def _parse_modules_dep(path: Path) -> dict[str, list[str]]:
+    deps = {}
+    for line in path.read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod.strip()] = rest.split()
+    return deps
+
+
+def _find_module(deps: dict[str, list[str]], name: str) -> str:
+    want = {f"{name}.ko", f"{name.replace('_', '-')}.ko"}
+    for rel in deps:
+        if rel.rsplit("/", 1)[-1] in want:
+            return rel
+    raise BuildError(f"kernel module {name} not in the kernel package")
+
+
+# --- cpio newc ------------------------------------------------------------------------------
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        base = Path(dirpath)
+        for n in sorted(dirnames + filenames):
+            yield base / n
+
+
+def write_cpio(root: Path, out: io.BufferedIOBase | gzip.GzipFile) -> None:
+    ino = 1
+
+    def header(name: str, mode: int, size: int, nlink: int) -> bytes:
+        nb = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, nlink, 0, size, 0, 0, 0, 0, len(nb), 0)
+        h = b"070701" + b"".join(b"%08X" % f for f in fields) + nb
+        return h + b"\0" * (-len(h) % 4)
+
+    for p in _walk(root):
+        rel = p.relative_to(root).as_posix()
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            data = os.readlink(p).encode()
+        elif stat.S_ISREG(st.st_mode):
+            data = p.read_bytes()
+        else:
+            data = b""
+        nlink = 2 if stat.S_ISDIR(st.st_mode) else 1
+        out.write(header(rel, st.st_mode, len(data), nlink) + data + b"\0" * (-len(data) % 4))
+        ino += 1
+    name = b"TRAILER!!!\0"
+    h = b"070701" + b"".join(b"%08X" % f for f in (0,) * 11 + (len(name), 0)) + name
+    out.write(h + b"\0" * (-len(h) % 4))
+
+
+# --- the cached build -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    # pytest-xdist workers may all ask for the image at once: one builds, the others wait.
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def build(force: bool = False) -> Path:
+    final = guest_dir()
+    if is_built(final) and not force:
+        return final
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with _lock(root / f"{final.name}.lock"):
+        if is_built(final) and not force:
+            return final
+        debs = root / "debs"
+        debs.mkdir(exist_ok=True)
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(dir=root, prefix=f"{final.name}.build-") as tmp:
+            work = Path(tmp)
+            out = work / "out"
+            out.mkdir(mode=0o700)
+            kernel_pkg = resolve_kernel_package()
+            files = download([kernel_pkg, *PACKAGES], debs)
+            roots = unpack(files, work / "pkgs")
+            info = assemble(roots, kernel_pkg, work, out)
+            info["packages"] = {n: p.name for n, p in sorted(files.items())}
+            info["recipe"] = recipe_hash()
+            info["ready_marker"] = READY_MARKER
+            info["build_seconds"] = f"{time.monotonic() - t0:.1f}"
+            (out / "manifest.json").write_text(json.dumps(info, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(out, final)
+            final.chmod(0o700)
+            (final / "stamp").write_text(f"{recipe_hash()}\n")  # last: marks a complete build
+    return final
+
+
+def main(argv: list[str]) -> int:
+    force = "--force" in argv
+    try:
+        print(build(force=force))
+    except BuildError as e:
+        print(f"guest build failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
