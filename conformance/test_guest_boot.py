@@ -1,0 +1,19 @@
+"""The guest tier's foundation: the guest boots with DMAR on and its agent answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures.guest_plugin import GuestFactory
+
+pytestmark = pytest.mark.guest
+
+
+async def test_guest_boots_with_dmar_and_agent_answers(guest: GuestFactory) -> None:
+    g = await guest()
+    assert g.agent.hello["release"].startswith("6.1.0-")
+    assert "intel_iommu=on" in g.agent.hello["cmdline"]
+    dmesg = await g.call("dmesg")
+    assert any("DMAR: IOMMU enabled" in line for line in dmesg), "guest did not enable DMAR"
+    # Every PCI device sits in an IOMMU group: the guest's intel-iommu driver owns them.
+    assert all(dev["iommu_group"] is not None for dev in await g.call("pci"))
