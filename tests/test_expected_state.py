@@ -1,0 +1,251 @@
+"""PageMap normalisation, expected state from intent and tables, actual state from the record."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fixtures.dma_event import DmaEvent, DmaOp
+from fixtures.expected_state import (
+    HostReplay,
+    MapIntent,
+    PageMap,
+    Run,
+    from_events,
+    from_intent,
+    from_view,
+    identity_map,
+)
+from fixtures.vtd_walk import DeviceMode, DeviceView, Translation
+
+P = 0x1000
+
+
+def pages_of(pages: PageMap) -> dict[int, tuple[int, bool, bool]]:
+    return {
+        r.iova + off: (r.gpa + off, r.read, r.write) for r in pages for off in range(0, r.size, P)
+    }
+
+
+# --- PageMap -------------------------------------------------------------------------------------
+
+
+def test_contiguous_runs_coalesce() -> None:
+    pages = PageMap([Run(0x2000, P, 0x9000, True, True), Run(0x1000, P, 0x8000, True, True)])
+    assert pages.runs == (Run(0x1000, 2 * P, 0x8000, True, True),)
+    assert pages.pages == 2
+
+
+@pytest.mark.parametrize(
+    "second", [Run(0x2000, P, 0xA000, True, True), Run(0x2000, P, 0x9000, True, False)]
+)
+def test_discontiguous_or_different_perms_do_not_coalesce(second: Run) -> None:
+    assert len(PageMap([Run(0x1000, P, 0x8000, True, True), second]).runs) == 2
+
+
+def test_overlay_later_wins_and_splits() -> None:
+    pages = PageMap([Run(0, 4 * P, 0x10000, True, True), Run(P, P, 0x50000, True, False)])
+    assert pages.runs == (
+        Run(0, P, 0x10000, True, True),
+        Run(P, P, 0x50000, True, False),
+        Run(2 * P, 2 * P, 0x12000, True, True),
+    )
+    assert pages.lookup(P + 5) == (0x50005, True, False)
+    assert pages.lookup(4 * P) is None
+
+
+def test_without_and_runs_within() -> None:
+    pages = PageMap([Run(0, 4 * P, 0x10000, True, True)]).without(P, 2 * P)
+    assert pages.runs == (Run(0, P, 0x10000, True, True), Run(3 * P, P, 0x13000, True, True))
+    assert list(PageMap([Run(0, 4 * P, 0, True, True)]).runs_within(P, 2 * P)) == [
+        Run(P, P, P, True, True)
+    ]
+
+
+def test_unaligned_ranges_round_out_to_pages() -> None:
+    pages = PageMap([Run(0x1800, 0x1000, 0x9800, True, True)])
+    assert pages.runs == (Run(0x1000, 2 * P, 0x9000, True, True),)
+
+
+def test_equality_ignores_how_ranges_were_split() -> None:
+    whole = PageMap([Run(0, 512 * P, 0x20_0000, True, True)])
+    split = PageMap(Run(i * P, P, 0x20_0000 + i * P, True, True) for i in reversed(range(512)))
+    assert whole == split
+    assert hash(whole) == hash(split)
+    assert whole != PageMap()
+    assert "0x200000" in repr(whole)
+
+
+runs_strategy = st.lists(
+    st.builds(
+        Run,
+        iova=st.integers(0, 63).map(lambda n: n * P),
+        size=st.integers(1, 8).map(lambda n: n * P),
+        gpa=st.integers(0, 15).map(lambda n: n * P),
+        read=st.booleans(),
+        write=st.booleans(),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(runs_strategy)
+def test_page_map_matches_a_per_page_model(runs: list[Run]) -> None:
+    model: dict[int, tuple[int, bool, bool]] = {}
+    for r in runs:
+        for off in range(0, r.size, P):
+            model[r.iova + off] = (r.gpa + off, r.read, r.write)
+    pages = PageMap(runs)
+    assert pages_of(pages) == model
+    # canonical: rebuilding from single pages gives the identical run list
+    rebuilt = PageMap(Run(i, P, g, rd, wr) for i, (g, rd, wr) in sorted(model.items()))
+    assert rebuilt.runs == pages.runs
+    for a, b in zip(pages.runs, pages.runs[1:], strict=False):
+        assert a.end < b.iova or a.gpa + a.size != b.gpa or (a.read, a.write) != (b.read, b.write)
+
+
+# --- expected from intent and from a tables walk --------------------------------------------------
+
+
+def test_intent_uses_vfio_permissions_and_skips_the_interrupt_window() -> None:
+    pages = from_intent(
+        [
+            MapIntent(0x1000, 0x8000, P, read=False, write=True),  # vfio maps READ too
+            MapIntent(0x2000, 0x9000, P, read=True, write=False),
+            MapIntent(0x3000, 0xA000, P, read=False, write=False),  # no access: not mapped
+            MapIntent(0xFEE0_0000 - P, 0x10000, 3 * P),
+        ]
+    )
+    assert pages.runs == (
+        Run(0x1000, P, 0x8000, True, True),
+        Run(0x2000, P, 0x9000, True, False),
+        Run(0xFEE0_0000 - P, P, 0x10000, True, True),
+    )
+    raw = from_intent([MapIntent(0x1000, 0x8000, P, read=False, write=True)], as_vfio=False)
+    assert raw.runs == (Run(0x1000, P, 0x8000, False, True),)
+
+
+def test_identity_map() -> None:
+    assert identity_map([(0, 0xA0000), (0x10_0000, 0x100_0000)]).runs == (
+        Run(0, 0xA0000, 0, True, True),
+        Run(0x10_0000, 0x100_0000, 0x10_0000, True, True),
+    )
+
+
+def view(mode: DeviceMode, *leaves: Translation) -> DeviceView:
+    return DeviceView(mode, 0, 8, translations=leaves)
+
+
+def test_from_view_modes() -> None:
+    assert from_view(view(DeviceMode.BLOCKED)) == PageMap()
+    with pytest.raises(ValueError, match="RAM"):
+        from_view(view(DeviceMode.PASS_THROUGH))
+    ram = [(0, 0x800_0000)]
+    assert from_view(view(DeviceMode.PASS_THROUGH), ram=ram) == identity_map(ram)
+    leaves = (
+        Translation(0x20_0000, 0x40_0000, 0x20_0000, True, True, 2),
+        Translation(0x40_0000, 0x60_0000, P, False, True, 1),
+    )
+    assert from_view(view(DeviceMode.TRANSLATED, *leaves)).runs == (
+        Run(0x20_0000, 0x20_0000 + P, 0x40_0000, True, True),
+    )
+
+
+def test_from_view_keeps_only_targets_in_ram() -> None:
+    leaves = (Translation(0, 0x7FF_F000, 4 * P, True, False, 1),)
+    pages = from_view(view(DeviceMode.TRANSLATED, *leaves), ram=[(0, 0x800_0000)])
+    assert pages.runs == (Run(0, P, 0x7FF_F000, True, False),)  # RAM ends at 0x8000000
+
+
+# --- actual from the host record ------------------------------------------------------------------
+
+
+def ev(seq: int, op: DmaOp, iova: int, size: int, gpa: int | None = None, **kw: object) -> DmaEvent:
+    return DmaEvent(seq, float(seq), kw.pop("device", "d0"), op, iova, size, gpa, **kw)  # type: ignore[arg-type]
+
+
+M, U, ALL = DmaOp.MAP, DmaOp.UNMAP, DmaOp.UNMAP_ALL
+
+
+def test_replay_applies_accepted_events_with_type1_unmap() -> None:
+    events = [
+        ev(0, M, 0x1000, 2 * P, 0x8000, read=True, write=True),
+        ev(1, M, 0x4000, P, 0xA000, read=True),
+        ev(2, M, 0x4000, P, 0xB000, read=True, errno=errno.EEXIST),  # rejected: no change
+        ev(3, U, 0x1000, P, errno=errno.EINVAL),  # rejected bisection
+        ev(4, U, 0x3000, 0x10000),  # contains 0x4000 only
+        ev(5, M, 0x9000, P, 0xC000, read=True, device="d1"),
+    ]
+    assert from_events(events, device="d0").runs == (Run(0x1000, 2 * P, 0x8000, True, True),)
+    assert from_events(events, device="d1").runs == (Run(0x9000, P, 0xC000, True, False),)
+    assert from_events([*events, ev(6, ALL, 0, 0)], device="d0") == PageMap()
+
+
+def test_an_accepted_bisecting_unmap_leaves_the_mapping() -> None:
+    # A host that wrongly accepted it still keeps the mapping in type1 terms; the rules flag it.
+    events = [ev(0, M, 0, 2 * P, 0, read=True), ev(1, U, 0, P)]
+    assert from_events(events).pages == 2
+
+
+@pytest.mark.parametrize(
+    ("event", "expect"),
+    [
+        (ev(9, M, 0x800, P, 0, read=True), errno.EINVAL),
+        (ev(9, M, 0x10000, 0, 0, read=True), errno.EINVAL),
+        (ev(9, M, 0x10000, P, 0), errno.EINVAL),  # neither READ nor WRITE
+        (ev(9, M, 0x2000, P, 0, read=True), errno.EEXIST),
+        (ev(9, M, 0x10000, P, 0, read=True), 0),
+        (ev(9, U, 0x1000, P), errno.EINVAL),  # bisects [0x1000, 0x3000)
+        (ev(9, U, 0x2000, 2 * P), errno.EINVAL),  # ends inside nothing, starts inside
+        (ev(9, U, 0, 0x100_0000), 0),  # oversized: fine
+        (ev(9, U, 0x20_0000, P), 0),  # empty: fine
+        (ev(9, U, 0x1000, 2 * P), 0),  # exact
+        (ev(9, ALL, 0, 0), 0),
+    ],
+)
+def test_type1_judgement(event: DmaEvent, expect: int) -> None:
+    host = HostReplay()
+    host.apply(ev(0, M, 0x1000, 2 * P, 0x8000, read=True))
+    assert host.judge(event)[0] == expect
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([M, U, ALL]),
+            st.integers(0, 31),
+            st.integers(1, 6),
+            st.integers(0, 31),
+        ),
+        max_size=25,
+    )
+)
+def test_replay_matches_a_per_page_type1_model(ops: list[tuple[DmaOp, int, int, int]]) -> None:
+    """Events judged by the host as type1 would; state equals a naive model of live maps."""
+    host = HostReplay()
+    live: list[tuple[int, int, int, bool]] = []  # (iova, end, gpa, write)
+    events = []
+    for seq, (op, page, count, gpage) in enumerate(ops):
+        s, e, gpa, write = page * P, (page + count) * P, gpage * P, bool(seq % 2)
+        code = host.judge(ev(seq, op, s, e - s, gpa, read=True, write=write))[0]
+        event = ev(seq, op, s, e - s, gpa, read=True, write=write, errno=code)
+        host.apply(event)
+        events.append(event)
+        if code:
+            continue
+        if op is M:
+            assert all(e <= a or b <= s for a, b, _, _ in live)
+            live.append((s, e, gpa, write))
+        elif op is U:
+            assert all(not (a < e and s < b) or (s <= a and b <= e) for a, b, _, _ in live)
+            live = [m for m in live if not (s <= m[0] and m[1] <= e)]
+        else:
+            live = []
+    model = {a + off: (g + off, True, w) for a, b, g, w in live for off in range(0, b - a, P)}
+    assert pages_of(from_events(events)) == model
+    assert pages_of(host.page_map()) == model
