@@ -1,0 +1,110 @@
+"""Nothing leaks: every QEMU a case starts is gone after pass, failure, timeout, Ctrl-C and
+even SIGKILL of the harness; artefacts stay for failures and go for passes.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.inner_run import alive, run_pytest, start_pytest, write_case
+
+LAUNCH_AND_RECORD = """
+    import os, asyncio
+    from pathlib import Path
+    from fixtures.machine_spec import MachineSpec
+
+    async def launched(launch):
+        m = await launch(MachineSpec(accel="qtest"))
+        Path("pid").write_text(f"{{m.pid}} {{m.runtime_dir}}")
+        return m
+
+    async def test_case(launch):
+        m = await launched(launch)
+        {body}
+"""
+
+
+def case(tmp_path: Path, body: str) -> Path:
+    return write_case(tmp_path, LAUNCH_AND_RECORD.format(body=body))
+
+
+def recorded(tmp_path: Path) -> tuple[int, Path]:
+    pid, runtime = (tmp_path / "pid").read_text().split()
+    return int(pid), Path(runtime)
+
+
+def assert_gone(tmp_path: Path) -> None:
+    pid, runtime = recorded(tmp_path)
+    for _ in range(50):
+        if not alive(pid):
+            break
+        time.sleep(0.1)
+    assert not alive(pid), f"QEMU {pid} still running"
+    assert not runtime.exists(), f"runtime directory {runtime} left behind"
+
+
+def test_passing_case_leaves_nothing(tmp_path: Path, qemu_binary: str) -> None:
+    code, out = run_pytest(case(tmp_path, "assert m.running"), "--qemu", qemu_binary)
+    assert code == 0, out
+    assert_gone(tmp_path)
+    assert not any((tmp_path / "artefacts").glob("run-*/*")), "passing case kept artefacts"
+
+
+def test_keep_artefacts_keeps_passing_case(tmp_path: Path, qemu_binary: str) -> None:
+    code, out = run_pytest(
+        case(tmp_path, "assert m.running"), "--qemu", qemu_binary, "--keep-artefacts"
+    )
+    assert code == 0, out
+    kept = list((tmp_path / "artefacts").glob("run-*/*/qemu-0/qmp.log"))
+    assert kept, out
+
+
+def test_failing_case_leaves_no_qemu_and_keeps_artefacts(tmp_path: Path, qemu_binary: str) -> None:
+    code, out = run_pytest(case(tmp_path, "assert False, 'boom'"), "--qemu", qemu_binary)
+    assert code == 1, out
+    assert_gone(tmp_path)
+    test_dir = next((tmp_path / "artefacts").glob("run-*/*"))
+    assert str(test_dir) in out, "failure report does not name the artefact directory"
+    for name in ("qemu.stderr", "qmp.log", "cmdline", "qtest.log"):
+        assert (test_dir / "qemu-0" / name).exists(), name
+    assert (test_dir.stat().st_mode & 0o777) == 0o700
+
+
+def test_timed_out_await_fails_cleanly(tmp_path: Path, qemu_binary: str) -> None:
+    body = 'await m.wait_event("NEVER_SENT", timeout=0.3)'
+    code, out = run_pytest(case(tmp_path, body), "--qemu", qemu_binary)
+    assert code == 1, out
+    assert "no QMP event NEVER_SENT within 0.3 s" in out
+    assert_gone(tmp_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_harness_leaves_no_qemu(tmp_path: Path, qemu_binary: str, sig: int) -> None:
+    proc = start_pytest(case(tmp_path, "await asyncio.sleep(60)"), "--qemu", qemu_binary)
+    try:
+        for _ in range(200):
+            if (tmp_path / "pid").exists() and (tmp_path / "pid").read_text():
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"inner case never launched QEMU: {proc.communicate()[0]}")
+        pid, _ = recorded(tmp_path)
+        assert alive(pid)
+        proc.send_signal(sig)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    for _ in range(50):
+        if not alive(pid):
+            break
+        time.sleep(0.1)
+    assert not alive(pid), f"QEMU {pid} outlived a harness stopped by {signal.Signals(sig).name}"
+    # Whatever a killed harness could not remove, the next session sweeps.
+    run_pytest(write_case(tmp_path, "def test_nothing(): pass"))
+    assert not recorded(tmp_path)[1].exists(), "stale runtime directory survived the next run"
