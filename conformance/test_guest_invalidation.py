@@ -1,0 +1,82 @@
+"""Invalidation workloads from a real guest kernel, strict and lazy (`iommu.strict=1` / `0`).
+
+Guest type1 mappings change the VT-d tables; the guest's intel-iommu driver invalidates
+(page-selective for each change in strict mode); QEMU must turn that into exactly the host
+mappings the guest intends. The host record must equal the intent and the tables oracles at
+every quiescent point, and type1's rules must never reject a request QEMU sends.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from fixtures.guest_dma import GuestContainer, GuestVfioDevice
+from fixtures.guest_machine import kernel_cmdline
+from fixtures.guest_plugin import GuestFactory
+from fixtures.guest_session import AgentCallError
+from fixtures.vfio_user_plugin import VfioUserHostFactory
+
+pytestmark = pytest.mark.guest
+
+DEV_A_BDF = "0000:00:03.0"
+MODES = [pytest.param(True, id="strict"), pytest.param(False, id="lazy")]
+
+
+async def _container(
+    guest: GuestFactory, vfio_user_host: VfioUserHostFactory, strict: bool
+) -> GuestContainer:
+    srv = await vfio_user_host("devA")
+    g = await guest(devices=[srv.device_json(addr="0x3")], append=kernel_cmdline(strict=strict))
+    c = GuestContainer(g)
+    await c.add(GuestVfioDevice(srv, DEV_A_BDF))
+    return c
+
+
+@pytest.mark.parametrize("strict", MODES)
+async def test_many_small_maps_and_one_large_map(
+    guest: GuestFactory, vfio_user_host: VfioUserHostFactory, strict: bool
+) -> None:
+    """64 single-page maps at scattered IOVAs, then one 4 MiB map of 4 KiB pages spanning
+    two page-directory entries, then unmaps that take every other small page and the
+    middle of nothing; the host follows at each step."""
+    c = await _container(guest, vfio_user_host, strict)
+    await c.alloc("small", 64 * 4096)
+    await c.alloc("large", 4 << 20)
+    for i in range(64):
+        # Stride 0x11000: pages land in different page tables and at odd offsets.
+        await c.map("small", 0x100_0000 + i * 0x11000, offset=i * 4096, size=4096)
+    await c.map("large", 0x7FE0_0000)  # crosses the 0x8000_0000 PDE boundary
+    await c.check()
+    for i in range(0, 64, 2):
+        await c.unmap(0x100_0000 + i * 0x11000, 4096)
+    # Guest type1 refuses to bisect its own mapping: nothing may change on the host either.
+    with pytest.raises(AgentCallError) as refused:
+        await c.unmap(0x7FE0_0000 + (1 << 20), 2 << 20)
+    assert refused.value.errno == errno.EINVAL
+    await c.check()
+    await c.unmap(0, 1 << 40)
+    await c.check()
+
+
+@pytest.mark.parametrize("strict", MODES)
+async def test_map_unmap_churn_leaves_nothing_behind(
+    guest: GuestFactory, vfio_user_host: VfioUserHostFactory, strict: bool
+) -> None:
+    """500 map/unmap cycles of the same range inside the guest (no round trips): every
+    cycle reaches the host as MAPs then UNMAPs, and nothing is left mapped."""
+    c = await _container(guest, vfio_user_host, strict)
+    srv = c.devices[0].server
+    await c.alloc("buf", 4 * 4096)
+    await c.map("buf", 0x4000_0000, size=4096)  # a live neighbour that must survive
+    before = len(srv.table.events)
+    await c.guest.call("churn", buffer="buf", iova=0x4000_1000, count=500, size=3 * 4096)
+    await c.check()
+    churn = srv.table.events[before:]
+    maps = sum(e.size for e in churn if e.op.name == "MAP") // 4096
+    unmaps = [e for e in churn if e.op.name == "UNMAP"]
+    assert maps == 500 * 3, f"{maps} pages mapped by 500 cycles of 3 pages"
+    assert unmaps, "the churn's unmaps never reached the host"
+    outside = [e.describe() for e in unmaps if e.iova < 0x4000_1000 or e.end > 0x4000_4000]
+    assert not outside, f"UNMAPs of the churn reached outside the churned range: {outside}"
