@@ -16,9 +16,12 @@ from fixtures.expected_state import (
     Run,
     from_events,
     from_intent,
+    from_tables,
     from_view,
     identity_map,
 )
+from fixtures.vtd_image import LegacyTables, SecondLevelTables, TableImage
+from fixtures.vtd_structures import TranslationType
 from fixtures.vtd_walk import DeviceMode, DeviceView, Translation
 
 P = 0x1000
@@ -159,6 +162,23 @@ def test_from_view_keeps_only_targets_in_ram() -> None:
     leaves = (Translation(0, 0x7FF_F000, 4 * P, True, False, 1),)
     pages = from_view(view(DeviceMode.TRANSLATED, *leaves), ram=[(0, 0x800_0000)])
     assert pages.runs == (Run(0, P, 0x7FF_F000, True, False),)  # RAM ends at 0x8000000
+
+
+def test_from_tables_follows_dmar_and_context_type() -> None:
+    mem = TableImage()
+    tables = LegacyTables(mem)
+    sl = SecondLevelTables(mem, 3, aw_bits=39)
+    sl.map(0x1000, 0x5000, P, write=False)
+    tables.attach(0, 0x10, domain_id=2, slpt=sl.root, levels=3)
+    tables.attach(0, 0x18, domain_id=3, tt=TranslationType.PASS_THROUGH, levels=3)
+    ram = [(0, 0x100_0000)]
+    assert from_tables(mem, tables.rtaddr, 0, 0x10, ram=ram, aw_bits=39).runs == (
+        Run(0x1000, P, 0x5000, True, False),
+    )
+    assert from_tables(mem, tables.rtaddr, 0, 0x18, ram=ram, aw_bits=39) == identity_map(ram)
+    off = from_tables(mem, tables.rtaddr, 0, 0x10, ram=ram, dmar_enabled=False)
+    assert off == identity_map(ram)
+    assert from_tables(mem, tables.rtaddr, 0, 0x20, ram=ram, aw_bits=39) == PageMap()
 
 
 # --- actual from the host record ------------------------------------------------------------------

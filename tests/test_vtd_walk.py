@@ -182,15 +182,22 @@ def test_unreadable_page_table_is_a_fault_not_a_crash() -> None:
 # --- paging: non-present entries at each level -----------------------------------------------
 
 
-@pytest.mark.parametrize("level", [4, 3, 2, 1])
-def test_non_present_entry_at_each_level_hides_its_range(level: int) -> None:
-    mem = legacy_image(4)
+@pytest.mark.parametrize(
+    ("levels", "level"), [(4, 4), (4, 3), (4, 2), (4, 1), (3, 3), (3, 2), (3, 1)]
+)
+def test_non_present_entry_at_each_level_hides_its_range(levels: int, level: int) -> None:
+    mem = legacy_image(levels)
     q(mem, L1, 0x9000 | 3)
+    q(mem, L1 + 8, 0xA000 | 3)
+    aw = 48 if levels == 4 else 39
+    assert len(walk_device(mem, ROOT, 0, 0x10, aw_bits=aw).translations) == 2
     table = {4: L4, 3: L3, 2: L2, 1: L1}[level]
     raw = int.from_bytes(mem.read(table, 8), "little")
     q(mem, table, raw & ~3)  # clear R and W: not present, address bits stay
-    v = walk_device(mem, ROOT, 0, 0x10)
-    assert v.translations == ()
+    v = walk_device(mem, ROOT, 0, 0x10, aw_bits=aw)
+    assert v.translations == (
+        () if level > 1 else (Translation(KIB4, 0xA000, KIB4, True, True, 1),)
+    )
     assert v.faults == ()
 
 
@@ -331,6 +338,16 @@ def test_highest_page_of_a_48_bit_space() -> None:
     assert v.translate(top + 0xFFF) == (0x9FFF, True, True)
 
 
+def test_highest_page_of_a_39_bit_space() -> None:
+    mem = legacy_image(3)
+    q(mem, L3 + 8 * 511, 0x7000 | 3)
+    q(mem, 0x7000 + 8 * 511, 0x20_0000 | (1 << 7) | 3)
+    v = walk_device(mem, ROOT, 0, 0x10, aw_bits=39)
+    assert v.translations == (Translation(GIB512 - MIB2, 0x20_0000, MIB2, True, True, 2),)
+    assert v.translate(GIB512 - 1) == (0x3F_FFFF, True, True)
+    assert v.translate(GIB512) is None
+
+
 def test_three_level_context_is_limited_to_39_bits_under_aw_48() -> None:
     mem = legacy_image(3)
     q(mem, L3 + 8 * 511, 0x4000_0000 | (1 << 7) | 3)
@@ -374,6 +391,17 @@ def test_scalable_second_stage_lower_and_upper_context_tables() -> None:
     w = walk_device(mem, tables.rtaddr, 0, 0x88, scalable=True)
     assert (w.mode, w.domain_id, w.iova_limit) == (DeviceMode.TRANSLATED, 4, 1 << 39)
     assert w.translations == (Translation(0, 0x4000_0000, MIB2, True, False, 2),)
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(1 << 1, 0), (0, 1 << 1), (1 << 50, 0)])
+def test_scalable_root_reserved_bits(lo: int, hi: int) -> None:
+    mem = TableImage()
+    tables = ScalableTables(mem)
+    tables.attach(0, 0x08, domain_id=1, pgtt=Pgtt.PASS_THROUGH)
+    words = struct.unpack("<2Q", mem.read(tables.rtaddr, 16))
+    q(mem, tables.rtaddr, words[0] | lo, words[1] | hi)
+    v = walk_device(mem, tables.rtaddr, 0, 0x08, scalable=True)
+    assert v.faults[0].reason is Fault.ROOT_RESERVED
 
 
 def test_scalable_snoop_bit_is_legal_in_leaves() -> None:
