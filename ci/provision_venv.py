@@ -11,8 +11,13 @@ import hashlib
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+if sys.version_info < (3, 11):  # noqa: UP036 -- runs on the host's python3, whatever it is
+    print(f"provision: Python >= 3.11 needed, python3 is {sys.version.split()[0]}", file=sys.stderr)
+    raise SystemExit(1)
+
+import tomllib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from private_apt import ProvisionError, cache_root, fail
@@ -34,8 +39,15 @@ def build(venv: Path, reqs: list[str]) -> None:
     shutil.rmtree(venv, ignore_errors=True)
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
-        [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        + reqs,
+        [
+            str(venv / "bin/python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            *reqs,
+        ],
     ]
     for step in steps:
         proc = subprocess.run(step, capture_output=True, text=True, check=False)
@@ -48,8 +60,6 @@ def build(venv: Path, reqs: list[str]) -> None:
 
 
 def main() -> None:
-    if sys.version_info < (3, 11):
-        fail(f"Python >= 3.11 needed, {sys.executable} is {sys.version.split()[0]}")
     reqs = requirements()
     venv = venv_dir(reqs)
     if not (venv / "complete").is_file():

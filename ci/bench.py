@@ -1,0 +1,83 @@
+"""Benchmarks of the suite, printed one figure per line as `name: value`.
+
+Wall-clock figures on a noisy machine mean little alone, so each case time is also reported
+as a ratio to a bare QEMU start+quit measured in the same run.
+Usage: ci/bench [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QTEST_CASE = "conformance/test_vtd_registers.py::test_te_enable_keeps_other_persistent_bits"
+
+
+def bare_qemu_start_quit(qemu: str) -> float:
+    """QEMU with the same machine as a qtest case, up to QMP and straight out again."""
+    args = [
+        qemu, "-machine", "q35", "-accel", "qtest", "-qtest", "null", "-qtest-log", "/dev/null",
+        "-nodefaults", "-display", "none", "-device", "intel-iommu,caching-mode=on",
+        "-qmp", "stdio",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(
+        args,
+        input='{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return time.perf_counter() - start
+
+
+def pytest_case_seconds(nodeid: str, qemu: str, *extra: str) -> float:
+    """Set-up + call + teardown of one case, as pytest's JUnit report times it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "junit.xml"
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", nodeid, "--qemu", qemu,
+             f"--junitxml={report}", "-o", "junit_duration_report=total", *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise SystemExit(f"bench: {nodeid} failed:\n{proc.stdout[-2000:]}")
+        case = ET.parse(report).getroot().find(".//testcase")
+        assert case is not None
+        return float(case.get("time", "nan"))
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--qemu", default=os.environ.get("VIOMMU_QEMU"))
+    opts = parser.parse_args()
+    if not opts.qemu:
+        raise SystemExit("bench: no QEMU (pass --qemu or run through ci/bench)")
+    figures: list[tuple[str, str]] = []
+    bare = median([bare_qemu_start_quit(opts.qemu) for _ in range(opts.runs)])
+    case = median([pytest_case_seconds(QTEST_CASE, opts.qemu) for _ in range(opts.runs)])
+    figures += [
+        ("bare_qemu_start_quit_s", f"{bare:.3f}"),
+        ("qtest_case_s", f"{case:.3f}"),
+        ("qtest_case_over_bare", f"{case / bare:.2f}"),
+    ]
+    for name, value in figures:
+        print(f"{name}: {value}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
