@@ -148,6 +148,15 @@ class Agent:
             )
         return out
 
+    def op_wait_pci(self, bdf: str, present: bool = True, within: float = 20.0) -> float:
+        """Wait until the device is (or is no longer) enumerated; returns the seconds waited."""
+        t0 = time.monotonic()
+        while os.path.exists(f"/sys/bus/pci/devices/{bdf}") != present:
+            if time.monotonic() - t0 > within:
+                raise AgentError(f"{bdf} {'did not appear' if present else 'is still there'}")
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
     def op_dmesg(self) -> list[str]:
         """The kernel log so far, one message per line (reads /dev/kmsg without blocking)."""
         fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
