@@ -158,6 +158,20 @@ def test_from_view_modes() -> None:
     )
 
 
+def test_leaves_straddling_the_interrupt_window_keep_their_offsets() -> None:
+    """A 2 MiB leaf at 0xfee00000: only its upper half is reachable through vfio's notifiers,
+    and it must point at base + 1 MiB (QEMU crops the event; the GPA must move with it)."""
+    leaves = (Translation(0xFEE0_0000, 0x4000_0000, 0x20_0000, True, True, 2),)
+    assert from_view(view(DeviceMode.TRANSLATED, *leaves)).runs == (
+        Run(0xFEF0_0000, 0x10_0000, 0x4010_0000, True, True),
+    )
+    gib = (Translation(0xC000_0000, 0x4000_0000, 1 << 30, True, False, 3),)
+    assert from_view(view(DeviceMode.TRANSLATED, *gib)).runs == (
+        Run(0xC000_0000, 0x3EE0_0000, 0x4000_0000, True, False),
+        Run(0xFEF0_0000, 0x110_0000, 0x7EF0_0000, True, False),
+    )
+
+
 def test_from_view_keeps_only_targets_in_ram() -> None:
     leaves = (Translation(0, 0x7FF_F000, 4 * P, True, False, 1),)
     pages = from_view(view(DeviceMode.TRANSLATED, *leaves), ram=[(0, 0x800_0000)])
