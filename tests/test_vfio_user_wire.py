@@ -138,20 +138,18 @@ def test_bad_version_caps(tail: bytes) -> None:
         Version.decode(b"\0\0\0\0" + tail)
 
 
-def test_dma_access_uses_qemu_layout() -> None:
-    """QEMU's VFIOUserDMARW: u64 address, u32 count, data at payload offset 12,
-    message size counted with sizeof() = 32 (4 bytes of padding)."""
+def test_dma_access_uses_the_spec_layout() -> None:
+    """u64 address, u64 count, data at payload offset 16 (what QEMU 11.1 speaks)."""
     raw = DmaAccess(0x1000, 4, b"wxyz").encode()
-    assert raw[:12] == struct.pack("=QI", 0x1000, 4)
-    assert raw[12:16] == b"wxyz"
-    assert len(raw) == 16 + 4
+    assert raw[:16] == struct.pack("=QQ", 0x1000, 4)
+    assert raw[16:] == b"wxyz"
     assert len(DmaAccess(0x1000, 8).encode()) == 16  # a DMA_READ request: 16 + 16 bytes
     assert DmaAccess.decode(raw, with_data=True) == DmaAccess(0x1000, 4, b"wxyz")
 
 
 def test_dma_access_short_data() -> None:
     with pytest.raises(VfioUserProtocolError):
-        DmaAccess.decode(struct.pack("=QI", 0, 8) + b"abc", with_data=True)
+        DmaAccess.decode(struct.pack("=QQ", 0, 8) + b"abc", with_data=True)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,390 @@
+"""QEMU's vfio-user client against our host: realize, hotplug, the host view of guest RAM,
+device DMA, and how QEMU reacts when the host misbehaves (qtest tier, no guest OS).
+
+The host side is our own vfio-user server (fixtures/vfio_user_server.py): what QEMU sends
+over the socket is the host mapping state. Expectations come from the machine's layout
+(RAM size, the q35 legacy windows) and the protocol, not from an earlier run's output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from typing import Any
+
+import pytest
+
+from fixtures.dma_engine import (
+    BUFFER_OFFSET,
+    MAGIC,
+    REG_DIRECTION,
+    REG_DST,
+    REG_ERRNO,
+    REG_FAULT_IOVA,
+    REG_FAULT_REASON,
+    REG_LEN,
+    REG_MAGIC,
+    REG_PATH,
+    REG_SRC,
+    REG_START,
+    REG_STATUS,
+    DmaDirection,
+    DmaPath,
+    DmaStatus,
+    FaultReason,
+)
+from fixtures.errors import QMPCommandError, QMPTimeoutError
+from fixtures.machine_spec import MachineSpec
+from fixtures.pci_config import PCI_VENDOR_ID, Bdf, PciConfig
+from fixtures.pcie_hotplug import power_off_slot, power_on_slot
+from fixtures.qtest_machine import QTestMachine
+from fixtures.vfio_user_server import VfioUserServer
+from fixtures.vfio_user_wire import Command
+
+pytestmark = pytest.mark.qtest
+
+VENDOR, DEVICE = 0x1B36, 0x00F0
+RAM_MIB = 512
+RAM_SIZE = RAM_MIB << 20
+DEV_SLOT = Bdf(0, 3)
+BAR0_GPA = 0xC000_0000  # in q35's 32-bit PCI hole, above the 0xb0000000 MMCONFIG window
+PCI_BASE_ADDRESS_0 = 0x10
+# Legacy windows below 1 MiB where q35 may show something other than RAM (VGA/SMRAM at
+# 0xa0000, PAM-controlled ROM shadows at 0xc0000-0xfffff).
+LEGACY_START, LEGACY_END = 0xA0000, 0x100000
+
+ROOT_PORT = Bdf(0, 2)
+HOTPLUG_SLOT = Bdf(1, 0)
+
+
+def spec_with(host: VfioUserServer, *, iommu: dict[str, Any] | None, **props: Any) -> MachineSpec:
+    return MachineSpec(
+        accel="qtest",
+        memory_mib=RAM_MIB,
+        iommu=iommu,
+        devices=[host.device_json(addr=f"{DEV_SLOT.dev:#x}", **props)],
+    )
+
+
+def pci_devices(buses: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """query-pci flattened: qdev id -> entry, bridges' secondary buses included."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def visit(devices: list[dict[str, Any]]) -> None:
+        for device in devices:
+            found[device["qdev_id"]] = device
+            visit(device.get("pci_bridge", {}).get("devices", []))
+
+    for bus in buses:
+        visit(bus["devices"])
+    return found
+
+
+def assert_clean(host: VfioUserServer) -> None:
+    """No protocol error on any connection and no type1 rule broken."""
+    errors = [err for session in host.sessions for err in session.errors]
+    assert errors == [], errors
+    violations = [e.describe() for table in host.tables for e in table.violations()]
+    assert violations == [], violations
+
+
+async def start_with_device(
+    launch: Any, vfio_user_host: Any, *, iommu: dict[str, Any] | None = None, **props: Any
+) -> tuple[QTestMachine, VfioUserServer]:
+    host = await vfio_user_host("dev0", vendor=VENDOR, device=DEVICE)
+    machine = await launch(spec_with(host, iommu=iommu, **props))
+    await host.wait_connected(timeout=5.0)
+    return machine, host
+
+
+async def map_bar0(machine: QTestMachine) -> PciConfig:
+    """What firmware would do: place BAR0 and enable memory decode and bus mastering."""
+    cfg = PciConfig(machine.qtest)
+    await cfg.write(DEV_SLOT, PCI_BASE_ADDRESS_0, BAR0_GPA)
+    await cfg.enable_bus_master(DEV_SLOT)
+    return cfg
+
+
+async def run_dma(
+    machine: QTestMachine,
+    direction: DmaDirection,
+    path: DmaPath,
+    *,
+    src: int = 0,
+    dst: int = 0,
+    length: int,
+    timeout: float = 5.0,
+) -> int:
+    """Program the engine through BAR0 as a driver would; return the final STATUS."""
+    qtest = machine.qtest
+    await qtest.writeq(BAR0_GPA + REG_SRC, src)
+    await qtest.writeq(BAR0_GPA + REG_DST, dst)
+    await qtest.writel(BAR0_GPA + REG_LEN, length)
+    await qtest.writel(BAR0_GPA + REG_DIRECTION, direction)
+    await qtest.writel(BAR0_GPA + REG_PATH, path)
+    await qtest.writel(BAR0_GPA + REG_START, 1)
+    deadline = time.monotonic() + timeout
+    while (status := await qtest.readl(BAR0_GPA + REG_STATUS)) == DmaStatus.BUSY:
+        if time.monotonic() > deadline:
+            pytest.fail(f"DMA still busy after {timeout} s")
+        await asyncio.sleep(0.01)  # let QEMU's main loop run the DMA_READ/WRITE handlers
+    return status
+
+
+# --- realize and hotplug -------------------------------------------------------------
+
+
+async def test_cold_plugged_device_realizes(launch: Any, vfio_user_host: Any) -> None:
+    machine, host = await start_with_device(launch, vfio_user_host)
+    entry = pci_devices(await machine.qmp("query-pci"))["dev0"]
+    assert (entry["id"]["vendor"], entry["id"]["device"]) == (VENDOR, DEVICE)
+    assert entry["slot"] == DEV_SLOT.dev
+    peripherals = await machine.qmp("qom-list", path="/machine/peripheral")
+    assert "dev0" in {p["name"] for p in peripherals}
+    # Config space reads reach the host (vfio passes the ID registers through).
+    cfg = PciConfig(machine.qtest)
+    assert await cfg.read(DEV_SLOT, PCI_VENDOR_ID) == DEVICE << 16 | VENDOR
+    first = [header.command for _, header in host.requests[:1]]
+    assert first == [Command.VERSION]
+    assert {Command.DEVICE_GET_INFO, Command.DEVICE_GET_REGION_INFO} <= {
+        header.command for _, header in host.requests
+    }
+    assert_clean(host)
+
+
+HOTPLUG_EXTRA = ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+
+
+async def hotplug_machine(launch: Any) -> tuple[QTestMachine, PciConfig]:
+    spec = MachineSpec(
+        accel="qtest",
+        memory_mib=RAM_MIB,
+        iommu=None,
+        devices=[{"driver": "pcie-root-port", "id": "rp0", "bus": "pcie.0", "addr": "0x2"}],
+        extra_args=HOTPLUG_EXTRA,  # native PCIe hotplug: qtest can play the OS's part
+    )
+    machine = await launch(spec)
+    cfg = PciConfig(machine.qtest)
+    await cfg.set_bridge_buses(ROOT_PORT, 1, 1)
+    return machine, cfg
+
+
+async def test_hotplugged_device_realizes_and_unplugs(launch: Any, vfio_user_host: Any) -> None:
+    machine, cfg = await hotplug_machine(launch)
+    host = await vfio_user_host("hp0", vendor=VENDOR, device=DEVICE)
+    await machine.qmp("device_add", **host.device_json(bus="rp0"))
+    assert host.connected, "device_add returned before the client connected"
+    assert "hp0" in pci_devices(await machine.qmp("query-pci"))
+    assert host.table.mappings(), "no DMA_MAP for guest RAM after hotplug"
+    await power_on_slot(cfg, ROOT_PORT)
+    assert await cfg.read(HOTPLUG_SLOT, PCI_VENDOR_ID) == DEVICE << 16 | VENDOR
+
+    await machine.qmp("device_del", id="hp0")
+    with pytest.raises(QMPTimeoutError):  # a powered slot waits for the OS
+        await machine.wait_event("DEVICE_DELETED", timeout=0.3)
+    assert host.connected
+    await power_off_slot(cfg, ROOT_PORT)
+    event = await machine.wait_event("DEVICE_DELETED", match=lambda e: e["data"]["device"] == "hp0")
+    assert event["data"]["path"] == "/machine/peripheral/hp0"
+    await host.wait_disconnected(timeout=5.0)  # finalize closes the client's socket
+    assert "hp0" not in pci_devices(await machine.qmp("query-pci"))
+    assert_clean(host)
+
+
+async def test_replug_after_unplug_gets_a_fresh_table(launch: Any, vfio_user_host: Any) -> None:
+    machine, _cfg = await hotplug_machine(launch)
+    host = await vfio_user_host("hp0", vendor=VENDOR, device=DEVICE)
+    for _ in range(2):
+        await machine.qmp("device_add", **host.device_json(bus="rp0"))
+        await machine.qmp("device_del", id="hp0")  # unpowered slot: immediate
+        await machine.wait_event("DEVICE_DELETED", match=lambda e: e["data"]["device"] == "hp0")
+        await host.wait_disconnected(timeout=5.0)
+        machine.events.clear()
+    assert len(host.sessions) == 2
+    first, second = host.tables
+    assert [(m.iova, m.size) for m in first.mappings()] == [
+        (m.iova, m.size) for m in second.mappings()
+    ]
+    assert_clean(host)
+
+
+# --- the host view of guest RAM ------------------------------------------------------
+
+
+def assert_identity_map_of_ram(host: VfioUserServer) -> None:
+    """DMA address == GPA for every RAM mapping, all RAM outside the legacy windows is
+    mapped read-write, and only ROM (no fd, read-only) is mapped beyond RAM."""
+    mappings = host.table.mappings()
+    ram = [m for m in mappings if m.offset is not None]
+    others = [m for m in mappings if m.offset is None]
+    assert ram, "no fd-backed mapping: guest RAM was not shared with the host"
+    for m in ram:
+        assert m.offset == m.iova, f"{m.iova:#x}+{m.size:#x} -> offset {m.offset:#x}"
+        assert m.end <= RAM_SIZE, f"RAM mapping {m.iova:#x}+{m.size:#x} beyond RAM"
+        assert m.read
+        assert m.write
+    for m in others:
+        assert not m.write, f"non-RAM mapping {m.iova:#x}+{m.size:#x} is writable"
+    covered = sorted((m.iova, m.end) for m in ram)
+    needed = [(0, LEGACY_START), (LEGACY_END, RAM_SIZE)]
+    for start, end in needed:
+        pos = start
+        for m_start, m_end in covered:
+            if m_start <= pos < m_end:
+                pos = m_end
+        assert pos >= end, f"RAM {pos:#x}..{end:#x} not mapped; mappings {covered}"
+
+
+async def test_identity_map_without_viommu(launch: Any, vfio_user_host: Any) -> None:
+    _machine, host = await start_with_device(launch, vfio_user_host, iommu=None)
+    assert_identity_map_of_ram(host)
+    assert_clean(host)
+
+
+async def test_identity_map_with_intel_iommu_and_dmar_off(launch: Any, vfio_user_host: Any) -> None:
+    """DMAR is off until the guest sets GCMD.TE: the device sees system RAM untranslated."""
+    _machine, host = await start_with_device(
+        launch, vfio_user_host, iommu={"driver": "intel-iommu", "caching-mode": True}
+    )
+    assert_identity_map_of_ram(host)
+    assert_clean(host)
+
+
+# --- device DMA --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [DmaPath.HOST_IOMMU, DmaPath.CLIENT], ids=["host-iommu", "client"])
+async def test_dma_copy_lands_at_the_right_gpa(
+    launch: Any, vfio_user_host: Any, path: DmaPath
+) -> None:
+    """Without a vIOMMU IOVA == GPA: a copy through either path moves exactly these bytes.
+    (The client path also pins QEMU's DMA_READ/WRITE layout: data right after a u32 count.)"""
+    machine, host = await start_with_device(launch, vfio_user_host)
+    await map_bar0(machine)
+    assert await machine.qtest.readl(BAR0_GPA + REG_MAGIC) == MAGIC
+    src, dst, pattern = 0x200000 - 40, 0x300000 + 12, bytes(range(256)) * 2  # crosses a page
+    await machine.qtest.memwrite(src, pattern)
+    before = await machine.qtest.memread(dst - 16, 16)
+    status = await run_dma(machine, DmaDirection.COPY, path, src=src, dst=dst, length=len(pattern))
+    assert status == DmaStatus.DONE, host.engine.transfers
+    assert await machine.qtest.memread(dst, len(pattern)) == pattern
+    assert machine.ram.read(dst, len(pattern)) == pattern
+    assert await machine.qtest.memread(dst - 16, 16) == before, "DMA wrote before its target"
+    assert host.engine.transfers[-1].path is path
+    assert_clean(host)
+
+
+@pytest.mark.parametrize("path", [DmaPath.HOST_IOMMU, DmaPath.CLIENT], ids=["host-iommu", "client"])
+async def test_dma_buffer_round_trip(launch: Any, vfio_user_host: Any, path: DmaPath) -> None:
+    machine, host = await start_with_device(launch, vfio_user_host)
+    await map_bar0(machine)
+    message = b"vfio-user DMA to guest RAM\0"
+    for i in range(0, len(message), 4):
+        word = int.from_bytes(message[i : i + 4].ljust(4, b"\0"), "little")
+        await machine.qtest.writel(BAR0_GPA + BUFFER_OFFSET + i, word)
+    target = 0x123000
+    status = await run_dma(machine, DmaDirection.TO_MEMORY, path, dst=target, length=len(message))
+    assert status == DmaStatus.DONE
+    assert machine.ram.read(target, len(message)) == message
+    machine.ram.write(target + 0x10000, b"from guest RAM!!")
+    status = await run_dma(machine, DmaDirection.FROM_MEMORY, path, src=target + 0x10000, length=16)
+    assert status == DmaStatus.DONE
+    assert bytes(host.engine.buffer[:16]) == b"from guest RAM!!"
+    assert_clean(host)
+
+
+async def test_dma_to_unmapped_iova_faults_on_the_host_path(
+    launch: Any, vfio_user_host: Any
+) -> None:
+    machine, host = await start_with_device(launch, vfio_user_host)
+    await map_bar0(machine)
+    beyond_ram = RAM_SIZE + 0x1000
+    sentinel = machine.ram.read(0x400000, 64)
+    status = await run_dma(
+        machine, DmaDirection.COPY, DmaPath.HOST_IOMMU, src=0x400000, dst=beyond_ram, length=64
+    )
+    assert status == DmaStatus.FAULT
+    assert await machine.qtest.readl(BAR0_GPA + REG_FAULT_REASON) == FaultReason.UNMAPPED
+    assert await machine.qtest.readq(BAR0_GPA + REG_FAULT_IOVA) == beyond_ram
+    assert host.engine.faults[-1].fault_iova == beyond_ram
+    assert machine.ram.read(0x400000, 64) == sentinel
+
+
+async def test_dma_to_rom_faults_read_only(launch: Any, vfio_user_host: Any) -> None:
+    """The BIOS ROM is mapped read-only (no fd): a device write there is an IOMMU fault."""
+    machine, host = await start_with_device(launch, vfio_user_host)
+    await map_bar0(machine)
+    rom = 0xFFFF_F000
+    status = await run_dma(machine, DmaDirection.TO_MEMORY, DmaPath.HOST_IOMMU, dst=rom, length=8)
+    assert status == DmaStatus.FAULT
+    assert await machine.qtest.readl(BAR0_GPA + REG_FAULT_REASON) == FaultReason.PERMISSION
+    assert host.engine.faults[-1].fault_iova == rom
+
+
+async def test_client_path_dma_to_unassigned_address(launch: Any, vfio_user_host: Any) -> None:
+    """QEMU answers a DMA_WRITE to an address nothing decodes with an error reply
+    (hw/vfio-user/pci.c maps MEMTX_DECODE_ERROR to ENODEV)."""
+    machine, host = await start_with_device(launch, vfio_user_host)
+    await map_bar0(machine)
+    status = await run_dma(
+        machine, DmaDirection.TO_MEMORY, DmaPath.CLIENT, dst=RAM_SIZE + 0x1000, length=8
+    )
+    assert status == DmaStatus.FAULT
+    assert await machine.qtest.readl(BAR0_GPA + REG_FAULT_REASON) == FaultReason.CLIENT_ERROR
+    assert await machine.qtest.readl(BAR0_GPA + REG_ERRNO) == errno.ENODEV
+    assert host.engine.faults[-1].errno == errno.ENODEV
+
+
+# --- fault injection -----------------------------------------------------------------
+
+
+async def test_server_closing_the_socket(launch: Any, vfio_user_host: Any) -> None:
+    """The host dies mid-run. QEMU keeps running, its BAR reads fail (all ones), QMP
+    stays usable and the device can still be deleted."""
+    machine, host = await start_with_device(launch, vfio_user_host)
+    await map_bar0(machine)
+    assert await machine.qtest.readl(BAR0_GPA + REG_MAGIC) == MAGIC
+    await host.disconnect()
+    await host.wait_disconnected(timeout=2.0)
+    assert await machine.qtest.readl(BAR0_GPA + REG_MAGIC) == 0xFFFF_FFFF
+    assert machine.running
+    assert "dev0" in pci_devices(await machine.qmp("query-pci"))
+    assert host.session is not None
+    assert host.session.close_reason == "host closed the socket"
+
+
+async def test_reply_that_never_comes(launch: Any, vfio_user_host: Any) -> None:
+    """A REGION_READ the host never answers: QEMU gives up after x-msg-timeout, the access
+    reads as all ones, and the connection survives for the next access."""
+    timeout_ms = 300
+    machine, host = await start_with_device(launch, vfio_user_host, **{"x-msg-timeout": timeout_ms})
+    await map_bar0(machine)
+    host.withhold_replies(Command.REGION_READ)
+    started = time.monotonic()
+    value = await machine.qtest.readl(BAR0_GPA + REG_MAGIC)
+    waited = time.monotonic() - started
+    assert value == 0xFFFF_FFFF
+    assert waited >= timeout_ms / 1000 * 0.9, f"QEMU gave up after {waited:.3f} s"
+    assert [h.command for h in host.withheld_requests] == [Command.REGION_READ]
+    host.withhold_replies()
+    assert await machine.qtest.readl(BAR0_GPA + REG_MAGIC) == MAGIC
+    assert host.connected
+    assert "timed out waiting for reply" in machine.stderr_tail(lines=20)
+
+
+async def test_realize_fails_cleanly_when_a_reply_never_comes(
+    launch: Any, vfio_user_host: Any
+) -> None:
+    """device_add against a host that stops answering during realize: QEMU logs the
+    timeout, device_add fails with EFAULT ("Bad address": vfio_user_get_region_info turns
+    a failed send_wait into -EFAULT), the half-made device is gone and its socket closed."""
+    machine, _cfg = await hotplug_machine(launch)
+    host = await vfio_user_host("hp0", vendor=VENDOR, device=DEVICE)
+    host.withhold_replies(Command.DEVICE_GET_REGION_INFO)
+    with pytest.raises(QMPCommandError, match="failed to get region 0 info: Bad address"):
+        await machine.qmp("device_add", **host.device_json(bus="rp0", **{"x-msg-timeout": 200}))
+    assert "hp0" not in pci_devices(await machine.qmp("query-pci"))
+    await host.wait_disconnected(timeout=5.0)
+    assert "vfio_user_get_region_info: timed out waiting for reply" in machine.stderr_tail()
+    assert [h.command for h in host.withheld_requests] == [Command.DEVICE_GET_REGION_INFO]
