@@ -274,7 +274,7 @@ def _extra(dev: str, op: DmaOp, iova: int, size: int, err: int = 0) -> DmaEvent:
     return DmaEvent(90_000, 99.0, dev, op, iova, size, gpa, read=op is M, write=op is M, errno=err)
 
 
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=30, deadline=None)
 
 
 @FAST

@@ -108,7 +108,7 @@ def test_assert_host_matches_uses_segments_and_names_the_device() -> None:
     assert str(info.value).startswith("host mappings of dev0: state as expected")
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     st.lists(
         st.tuples(st.integers(0, 40), st.integers(1, 5), st.integers(0, 8), st.booleans()),
