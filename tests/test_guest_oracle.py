@@ -1,0 +1,50 @@
+"""Self-tests of the guest tier's intent oracle and its report (no QEMU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures.expected_state import MapIntent, PageMap, Run, from_intent
+from fixtures.guest_dma import bus_devfn
+from fixtures.guest_oracle import Intent, compare
+
+
+def test_intent_maps_each_page_to_its_buffer_gpa() -> None:
+    intent = Intent()
+    intent.buffer("b", [0x5000, 0x9000, 0x6000])  # scattered frames, as pagemap reports
+    intent.map("b", 0x10_0000, offset=0x1000, size=0x2000, read=True, write=False)
+    assert intent.page_map() == PageMap(
+        [Run(0x10_0000, 0x1000, 0x9000, True, False), Run(0x10_1000, 0x1000, 0x6000, True, False)]
+    )
+
+
+def test_intent_refuses_a_double_map_and_forgets_unmapped_pages() -> None:
+    intent = Intent()
+    intent.buffer("b", [0x5000, 0x6000])
+    intent.map("b", 0x10_0000, offset=0, size=0x2000, read=True, write=True)
+    with pytest.raises(ValueError, match="twice"):
+        intent.map("b", 0x10_1000, offset=0, size=0x1000, read=True, write=True)
+    intent.unmap(0x10_0000, 0x1000)
+    assert intent.page_map() == from_intent([MapIntent(0x10_1000, 0x6000, 0x1000)])
+
+
+def test_compare_is_silent_when_equal_and_names_the_differing_pages() -> None:
+    expected = PageMap([Run(0x1000, 0x3000, 0x8000, True, True)])
+    assert compare(expected, expected, "intent", "host") is None
+    actual = PageMap(
+        [Run(0x1000, 0x1000, 0x8000, True, True), Run(0x2000, 0x1000, 0xF000, True, True)]
+    )
+    report = compare(expected, actual, "intent", "host")
+    assert report is not None
+    assert "host differs from intent" in report
+    # Page 0x2000 translates wrongly, page 0x3000 is missing: both show as not as expected.
+    assert "not as expected in host:\n  iova 0x0000002000+0x2000 -> gpa 0x0000009000 rw" in report
+    assert "unexpected in host:\n  iova 0x0000002000+0x1000 -> gpa 0x000000f000 rw" in report
+
+
+@pytest.mark.parametrize(
+    ("bdf", "expected"),
+    [("0000:00:03.0", (0, 0x18)), ("0000:01:00.0", (1, 0)), ("0000:00:1f.3", (0, 0xFB))],
+)
+def test_bus_devfn_is_the_requester_id(bdf: str, expected: tuple[int, int]) -> None:
+    assert bus_devfn(bdf) == expected
