@@ -34,7 +34,9 @@ from fixtures.dma_engine import (
     DmaStatus,
     FaultReason,
 )
+from fixtures.dma_event import DmaOp
 from fixtures.errors import QMPCommandError, QMPTimeoutError
+from fixtures.host_mapping_table import HostMappingTable
 from fixtures.machine_spec import MachineSpec
 from fixtures.pci_config import PCI_VENDOR_ID, Bdf, PciConfig
 from fixtures.pcie_hotplug import power_off_slot, power_on_slot
@@ -176,7 +178,7 @@ async def test_hotplugged_device_realizes_and_unplugs(launch: Any, vfio_user_hos
     await machine.qmp("device_add", **host.device_json(bus="rp0"))
     assert host.connected, "device_add returned before the client connected"
     assert "hp0" in pci_devices(await machine.qmp("query-pci"))
-    assert host.table.mappings(), "no DMA_MAP for guest RAM after hotplug"
+    assert_identity_map_of_ram(host)  # hotplug maps guest RAM like a cold plug
     await power_on_slot(cfg, ROOT_PORT)
     assert await cfg.read(HOTPLUG_SLOT, PCI_VENDOR_ID) == DEVICE << 16 | VENDOR
 
@@ -189,6 +191,7 @@ async def test_hotplugged_device_realizes_and_unplugs(launch: Any, vfio_user_hos
     assert event["data"]["path"] == "/machine/peripheral/hp0"
     await host.wait_disconnected(timeout=5.0)  # finalize closes the client's socket
     assert "hp0" not in pci_devices(await machine.qmp("query-pci"))
+    assert host.table.mappings() == [], "unplug left host mappings behind"
     assert_clean(host)
 
 
@@ -203,10 +206,17 @@ async def test_replug_after_unplug_gets_a_fresh_table(launch: Any, vfio_user_hos
         machine.events.clear()
     assert len(host.sessions) == 2
     first, second = host.tables
-    assert [(m.iova, m.size) for m in first.mappings()] == [
-        (m.iova, m.size) for m in second.mappings()
-    ]
+    assert accepted_maps(first), "no DMA_MAP on the first connection"
+    assert accepted_maps(first) == accepted_maps(second)  # same RAM, same maps, fresh socket
     assert_clean(host)
+
+
+def accepted_maps(table: HostMappingTable) -> list[tuple[int, int, int | None, bool, bool]]:
+    return [
+        (e.iova, e.size, e.gpa, e.read, e.write)
+        for e in table.events
+        if e.op is DmaOp.MAP and e.accepted
+    ]
 
 
 # --- the host view of guest RAM ------------------------------------------------------
