@@ -23,6 +23,7 @@ from fixtures.dma_engine import (
     REG_ERRNO,
     REG_FAULT_IOVA,
     REG_FAULT_REASON,
+    REG_IRQ_ON_DONE,
     REG_LEN,
     REG_MAGIC,
     REG_PATH,
@@ -454,4 +455,38 @@ async def test_system_reset_resets_the_device_and_restores_the_identity_map(
     assert host.device.resets > resets_before
     assert host.engine.regs[REG_SRC : REG_SRC + 8] == bytes(8)
     assert_identity_map_of_ram(host)
+    assert_clean(host)
+
+
+async def test_intx_from_the_host_reaches_the_ioapic_and_is_unmasked_after_eoi(
+    launch: Any, vfio_user_host: Any
+) -> None:
+    """The host raises INTx by writing the eventfd QEMU passed with SET_IRQS. The index is
+    AUTOMASKED: QEMU must unmask it (SET_IRQS UNMASK) after the guest's EOI, here the next
+    BAR access, or the second completion would stay silent."""
+    machine, host = await start_with_device(launch, vfio_user_host)
+    await map_bar0(machine)
+    await machine.qtest.irq_intercept_in("ioapic")
+    await machine.qtest.writel(BAR0_GPA + REG_IRQ_ON_DONE, 1)
+    raises: list[str] = []
+    for _ in range(2):
+        status = await run_dma(
+            machine, DmaDirection.COPY, DmaPath.HOST_IOMMU, src=0x1000, dst=0x2000, length=8
+        )
+        assert status == DmaStatus.DONE
+        for _ in range(50):  # QEMU's main loop reads the eventfd between qtest commands
+            raises = [line for line in machine.qtest.irq_lines if line.startswith("IRQ raise")]
+            if len(raises) == len(host.engine.transfers):
+                break
+            await machine.qtest.readl(BAR0_GPA + REG_STATUS)
+            await asyncio.sleep(0.01)
+    assert len(raises) == 2, machine.qtest.irq_lines
+    for _ in range(50):  # a BAR access is the EOI that lowers the line
+        await machine.qtest.readl(BAR0_GPA + REG_STATUS)
+        if machine.qtest.irq_lines[-1].startswith("IRQ lower"):
+            break
+        await asyncio.sleep(0.01)
+    assert machine.qtest.irq_lines[-1].startswith("IRQ lower"), machine.qtest.irq_lines
+    pins = {line.split()[-1] for line in machine.qtest.irq_lines}
+    assert len(pins) == 1, machine.qtest.irq_lines  # one INTx line, raised and lowered
     assert_clean(host)
