@@ -42,8 +42,9 @@ from fixtures.machine_spec import MachineSpec
 from fixtures.pci_config import PCI_VENDOR_ID, Bdf, PciConfig
 from fixtures.pcie_hotplug import power_off_slot, power_on_slot
 from fixtures.qtest_machine import QTestMachine
+from fixtures.vfio_user_pci import BAR0_REGION, CONFIG_REGION
 from fixtures.vfio_user_server import VfioUserServer
-from fixtures.vfio_user_wire import Command
+from fixtures.vfio_user_wire import Command, RegionAccess
 
 pytestmark = pytest.mark.qtest
 
@@ -148,10 +149,10 @@ async def test_cold_plugged_device_realizes(launch: Any, vfio_user_host: Any) ->
     # Config space reads reach the host (vfio passes the ID registers through).
     cfg = PciConfig(machine.qtest)
     assert await cfg.read(DEV_SLOT, PCI_VENDOR_ID) == DEVICE << 16 | VENDOR
-    first = [header.command for _, header in host.requests[:1]]
+    first = [header.command for _, header, _ in host.requests[:1]]
     assert first == [Command.VERSION]
     assert {Command.DEVICE_GET_INFO, Command.DEVICE_GET_REGION_INFO} <= {
-        header.command for _, header in host.requests
+        header.command for _, header, _ in host.requests
     }
     assert_clean(host)
 
@@ -283,6 +284,16 @@ async def test_dma_copy_lands_at_the_right_gpa(
     assert machine.ram.read(dst, len(pattern)) == pattern
     assert await machine.qtest.memread(dst - 16, 16) == before, "DMA wrote before its target"
     assert host.engine.transfers[-1].path is path
+    # BAR0 is not mmap-able, so its writes arrive posted; config writes wait for a reply.
+    writes = [
+        (payload.region, header.no_reply)
+        for _, header, payload in host.requests
+        if header.command == Command.REGION_WRITE and isinstance(payload, RegionAccess)
+    ]
+    assert (BAR0_REGION, True) in writes
+    assert (BAR0_REGION, False) not in writes
+    assert (CONFIG_REGION, False) in writes
+    assert (CONFIG_REGION, True) not in writes
     assert_clean(host)
 
 
