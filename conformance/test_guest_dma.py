@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from fixtures.dma_engine import DmaDirection, DmaStatus, FaultReason
-from fixtures.guest_dma import GuestContainer, GuestVfioDevice
+from fixtures.guest_dma import GuestContainer, GuestVfioDevice, device_state
 from fixtures.guest_plugin import GuestFactory
 from fixtures.vfio_user_plugin import VfioUserHostFactory
 
@@ -37,6 +37,15 @@ async def test_type1_maps_reach_host_as_guest_intended(
     await c.map("small", 0x20_0000, offset=4 * 4096, size=4 * 4096, write=False)
     await c.map("huge", 0x4000_0000)  # 2 MiB aligned: eligible for a superpage leaf
     await c.check()
+    # A 2 MiB leaf in the guest's tables is one translation: the host gets it whole.
+    async with g.paused():
+        view, _host = await device_state(g, c.devices[0])
+    leaf = [t for t in view.translations if t.iova == 0x4000_0000]
+    assert leaf, "the hugepage map is not in the VT-d tables"
+    assert leaf[0].size == HUGE, f"the guest did not use a 2 MiB leaf (CAP.SLLPS allows): {leaf}"
+    host = srv.table.lookup(0x4000_0000)
+    assert host is not None
+    assert (host.iova, host.size) == (0x4000_0000, HUGE), host
     await c.unmap(IOVA + 0x10000, 4096)
     await c.unmap(0x20_0000, 4 * 4096)
     await c.check()
