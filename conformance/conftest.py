@@ -10,7 +10,7 @@ can break them silently. A case whose body already failed is not reported twice.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,9 +20,15 @@ from fixtures.plugin import REPORTS_KEY, Launcher
 from fixtures.qtest_machine import QTestMachine
 from fixtures.vfio_user_plugin import VfioUserHostFactory
 from fixtures.vtd_driver import VtdDriver
-from fixtures.vtd_rig import COLD_SLOTS, MEMORY_MIB, PORT_SLOT0, RigDevice, VtdRig, rig_spec
-
-RigFactory = Callable[..., Awaitable[VtdRig]]
+from fixtures.vtd_rig import (
+    COLD_SLOTS,
+    MEMORY_MIB,
+    PORT_SLOT0,
+    RigDevice,
+    RigFactory,
+    VtdRig,
+    rig_spec,
+)
 
 
 @pytest.fixture

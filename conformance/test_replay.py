@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 
 from fixtures.pci_config import Bdf
+from fixtures.vtd_driver import Domain
 from fixtures.vtd_page_tables import PAGE_1G, PAGE_2M, PAGE_4K
-from fixtures.vtd_rig import DATA_BASE, VtdRig
+from fixtures.vtd_rig import DATA_BASE, RigFactory, VtdRig
 
 pytestmark = pytest.mark.qtest
 
@@ -24,7 +25,7 @@ HOTPLUG = Bdf(1, 0)  # device 0 behind root port rp0 (secondary bus 1)
 IOVA = 0x1_0000_0000
 
 
-async def populated(rig: VtdRig, did: int = 1, *, bdf: Bdf = D0):
+async def populated(rig: VtdRig, did: int = 1, *, bdf: Bdf = D0) -> Domain:
     """Domain `did` with 4 KiB, 64 KiB-of-4 KiB and 2 MiB mappings; `bdf` attached; DMAR on."""
     driver = rig.driver
     dom = driver.domain(did)
@@ -39,7 +40,9 @@ async def populated(rig: VtdRig, did: int = 1, *, bdf: Bdf = D0):
     return dom
 
 
-async def test_hotplug_into_populated_domain_replays_exactly_its_mappings(vtd_rig) -> None:
+async def test_hotplug_into_populated_domain_replays_exactly_its_mappings(
+    vtd_rig: RigFactory,
+) -> None:
     """device_add under a context entry that already points at a populated domain: vfio's
     notifier registration replays every mapping to the new device, MAPs only, nobody else."""
     rig = await vtd_rig(devices=("d0",), ports=1)
@@ -52,7 +55,7 @@ async def test_hotplug_into_populated_domain_replays_exactly_its_mappings(vtd_ri
     assert rig.devices["d1"].bdf == HOTPLUG
 
 
-async def test_hotplug_then_attach_maps_domain_to_new_device_only(vtd_rig) -> None:
+async def test_hotplug_then_attach_maps_domain_to_new_device_only(vtd_rig: RigFactory) -> None:
     """A device plugged while its context is absent sees nothing; attaching it (context entry +
     device-selective context-cache invalidation) syncs the domain to it alone, MAPs only."""
     rig = await vtd_rig(devices=("d0",), ports=1)
@@ -66,7 +69,7 @@ async def test_hotplug_then_attach_maps_domain_to_new_device_only(vtd_rig) -> No
     assert {e.device for e in events} == {"d1"}
 
 
-async def test_enabling_dmar_after_mappings_exist_replays_them(vtd_rig) -> None:
+async def test_enabling_dmar_after_mappings_exist_replays_them(vtd_rig: RigFactory) -> None:
     """Tables populated while DMAR is off; turning translation on swaps identity for exactly
     the domain's mappings (vtd_switch_address_space + replay)."""
     rig = await vtd_rig(devices=("d0",))
@@ -83,7 +86,7 @@ async def test_enabling_dmar_after_mappings_exist_replays_them(vtd_rig) -> None:
     assert any(e.op.name == "MAP" and e.iova == IOVA for e in events)
 
 
-async def test_second_device_attached_to_same_domain_gets_the_replay(vtd_rig) -> None:
+async def test_second_device_attached_to_same_domain_gets_the_replay(vtd_rig: RigFactory) -> None:
     rig = await vtd_rig(devices=("d0", "d1"))
     dom = await populated(rig)
     rig.driver.attach(D1, dom)
@@ -93,7 +96,7 @@ async def test_second_device_attached_to_same_domain_gets_the_replay(vtd_rig) ->
     assert all(e.device == "d1" for e in events), "replay reached the device already attached"
 
 
-async def test_device_in_other_domain_gets_nothing(vtd_rig) -> None:
+async def test_device_in_other_domain_gets_nothing(vtd_rig: RigFactory) -> None:
     rig = await vtd_rig(devices=("d0", "d1"))
     await populated(rig)
     other = rig.driver.domain(2)
@@ -103,7 +106,7 @@ async def test_device_in_other_domain_gets_nothing(vtd_rig) -> None:
     assert not [e for e in events if e.op.name == "MAP"], "an empty domain replayed mappings"
 
 
-async def test_replug_replays_current_state_not_stale_one(vtd_rig) -> None:
+async def test_replug_replays_current_state_not_stale_one(vtd_rig: RigFactory) -> None:
     """Unplug, change the domain, plug a new device into the same slot: the replay shows the
     domain as it is now."""
     rig = await vtd_rig(devices=("d0",), ports=1)
@@ -121,7 +124,7 @@ async def test_replug_replays_current_state_not_stale_one(vtd_rig) -> None:
         await rig.hotplug("d2")
 
 
-async def test_replay_of_one_gib_leaf(vtd_rig) -> None:
+async def test_replay_of_one_gib_leaf(vtd_rig: RigFactory) -> None:
     # 2 GiB of RAM: GPA 1 GiB..2 GiB is one contiguous RAM block a 1 GiB leaf can target.
     rig = await vtd_rig(devices=("d0", "d1"), memory_mib=2048)
     dom = rig.driver.domain(1)
@@ -136,7 +139,7 @@ async def test_replay_of_one_gib_leaf(vtd_rig) -> None:
         await rig.driver.flush_context(D1, 1)
 
 
-async def test_replay_keeps_read_only_permission(vtd_rig) -> None:
+async def test_replay_keeps_read_only_permission(vtd_rig: RigFactory) -> None:
     rig = await vtd_rig(devices=("d0", "d1"))
     dom = await populated(rig)
     rig.driver.attach(D1, dom)
@@ -147,7 +150,7 @@ async def test_replay_keeps_read_only_permission(vtd_rig) -> None:
     assert not ro[0].write
 
 
-async def test_replay_is_clipped_to_the_notifier_ranges(vtd_rig) -> None:
+async def test_replay_is_clipped_to_the_notifier_ranges(vtd_rig: RigFactory) -> None:
     """4 KiB pages on both sides of the interrupt window (0xfee00000) and inside it: replay
     delivers both sides and nothing inside; vfio holds two notifiers per device (9a4bb8391f)."""
     rig = await vtd_rig(devices=("d0", "d1"))
@@ -176,7 +179,7 @@ CROPPED_LEAF = (
 
 
 @pytest.mark.xfail(strict=True, reason=CROPPED_LEAF)
-async def test_leaf_straddling_interrupt_window_keeps_its_translation(vtd_rig) -> None:
+async def test_leaf_straddling_interrupt_window_keeps_its_translation(vtd_rig: RigFactory) -> None:
     """A 2 MiB leaf covering the interrupt window: the part above it (0xfef00000..0xff000000)
     must be mapped at the matching offset into the leaf, the window itself not at all."""
     rig = await vtd_rig(devices=("d0",), trace=["vtd_page_walk*", "vfio_iommu_map_notify"])
@@ -189,7 +192,7 @@ async def test_leaf_straddling_interrupt_window_keeps_its_translation(vtd_rig) -
         await rig.driver.map(dom, 0xFEC0_0000, DATA_BASE, 0x60_0000, page_size=PAGE_2M)
 
 
-async def test_scalable_mode_hotplug_replays_second_stage_mappings(vtd_rig) -> None:
+async def test_scalable_mode_hotplug_replays_second_stage_mappings(vtd_rig: RigFactory) -> None:
     """Scalable mode, PASID entry with PGTT second-stage: the hot-plug replay walks the PASID
     table path (vtd_dev_to_context_entry + vtd_ce_get_pasid_entry)."""
     rig = await vtd_rig(devices=("d0",), ports=1, scalable=True)
