@@ -88,3 +88,22 @@ def test_auto_accel_needs_hardware_kvm_module(tmp_path: Path) -> None:
     assert choose_accelerator("kvm") == "kvm"
     with pytest.raises(ValueError, match="--accel must be"):
         choose_accelerator("hvf")
+
+
+QMP_ERROR = """
+    import pytest
+    from fixtures.errors import QMPCommandError
+    from fixtures.machine_spec import MachineSpec
+
+    async def test_case(launch):
+        m = await launch(MachineSpec(accel="qtest"))
+        with pytest.raises(QMPCommandError) as err:
+            await m.qmp("device_del", id="no-such-device")
+        assert err.value.error_class == "DeviceNotFound"
+        assert "no-such-device" in err.value.desc
+"""
+
+
+def test_qmp_error_is_typed_with_qemus_text(tmp_path: Path, qemu_binary: str) -> None:
+    code, out = run_pytest(write_case(tmp_path, QMP_ERROR), "--qemu", qemu_binary)
+    assert code == 0, out
