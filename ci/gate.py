@@ -1,0 +1,270 @@
+"""Gate a QEMU patch series: the conformance suite against a baseline and a candidate QEMU.
+
+Each side is one pytest run (same cases, same extra pytest args) with its own JUnit XML, log and
+artefact directory under the output directory; then ci/gate_verdict.py compares them case by
+case. Prints the verdict table, writes summary.md (a merge-request comment) and exits 1 on any
+regression, 2 when a side could not run at all (bad QEMU path, usage error, nothing collected,
+interrupted), else 0. Sides run one after the other unless --parallel.
+
+Usage (through ci/gate or ci/conformance, which provision the default QEMU first):
+  ci/conformance --baseline PATH|default --candidate PATH|default [--output DIR] [pytest args]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gate_verdict import (
+    SIDES,
+    Comparison,
+    compare,
+    markdown_summary,
+    read_junit,
+    terminal_table,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_QEMU_ENV = "VIOMMU_QEMU"
+# Options the gate sets per side; given among the pytest args they would silently clash.
+PER_SIDE_OPTIONS = ("--qemu", "--junitxml", "--junit-xml", "--artefacts")
+# pytest exit codes: 0 all passed, 1 some failed; anything else means no usable verdict.
+PYTEST_OK = (0, 1)
+PYTEST_NO_TESTS = 5
+VERSION_TIMEOUT_S = 30.0
+
+
+class GateError(Exception):
+    """The gate cannot give a verdict; the message is the one line the user sees."""
+
+
+@dataclass
+class Side:
+    name: str
+    qemu: Path
+    label: str
+    out: Path
+
+    @property
+    def junit(self) -> Path:
+        return self.out / f"{self.name}.xml"
+
+    @property
+    def log(self) -> Path:
+        return self.out / f"{self.name}.log"
+
+    @property
+    def artefacts(self) -> Path:
+        return self.out / self.name
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="ci/conformance --baseline A --candidate B",
+        description="Run the conformance suite against two QEMUs and compare (exit 1 on any "
+        "regression). Other arguments go to pytest on both sides (e.g. -k, -m, -n 2).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--baseline", default="default", help="QEMU binary, or 'default'")
+    parser.add_argument("--candidate", default="default", help="QEMU binary, or 'default'")
+    parser.add_argument(
+        "--output", default=None, help="output directory (default artefacts/gate-<timestamp>)"
+    )
+    parser.add_argument(
+        "--parallel", action="store_true", help="run both sides at once (twice the load)"
+    )
+    parser.add_argument(
+        "--stream", action="store_true", help="show each side's pytest output as it runs"
+    )
+    options, pytest_args = parser.parse_known_args(argv)
+    for arg in pytest_args:
+        if arg.split("=", 1)[0] in PER_SIDE_OPTIONS:
+            parser.error(
+                f"{arg.split('=', 1)[0]} is set per side by the gate; use --baseline/"
+                "--candidate/--output"
+            )
+    return options, pytest_args
+
+
+def resolve_qemu(value: str) -> Path:
+    """'default' -> the provisioned QEMU ($VIOMMU_QEMU); else a path from the caller's cwd."""
+    if value == "default":
+        default = os.environ.get(DEFAULT_QEMU_ENV)
+        if not default:
+            raise GateError("no default QEMU: run through ci/conformance (it provisions one)")
+        value = default
+    path = Path(value).expanduser().absolute()
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise GateError(f"{value}: not an executable file")
+    return path
+
+
+def qemu_label(qemu: Path) -> str:
+    """'QEMU 11.1.3 (Debian ...) — path', from -version (no QMP needed)."""
+    try:
+        proc = subprocess.run(
+            [str(qemu), "-version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT_S
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise GateError(f"{qemu}: cannot run -version: {err}") from None
+    match = re.search(r"QEMU emulator version (\S+(?: \([^)]*\))?)", proc.stdout)
+    if proc.returncode != 0 or not match:
+        tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        raise GateError(f"{qemu} -version failed: {tail}")
+    return f"QEMU {match.group(1)} — {qemu}"
+
+
+# pytest options whose value is a separate argument: the value is never a test path.
+VALUE_OPTIONS = {"-k", "-m", "-n", "-p", "-o", "-c", "-W", "--rootdir", "--maxfail", "--dist"}
+VALUE_OPTIONS |= {"--durations", "--tb", "--accel", "--fuzz-examples", "--deselect", "--ignore"}
+
+
+def suite_paths(pytest_args: list[str]) -> list[str]:
+    """As ci/conformance: an explicit test path or node id replaces the default suite."""
+    after_option = False
+    for arg in pytest_args:
+        if not after_option and not arg.startswith("-") and Path(arg.split("::")[0]).exists():
+            return []
+        after_option = arg in VALUE_OPTIONS
+    return ["conformance"]
+
+
+def side_command(side: Side, pytest_args: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        *suite_paths(pytest_args),
+        *pytest_args,
+        f"--qemu={side.qemu}",
+        f"--junitxml={side.junit}",
+        f"--artefacts={side.artefacts}",
+        # xunit1 records each case's file, so a JUnit test id is exactly the pytest node id.
+        "-o",
+        "junit_family=xunit1",
+        "-o",
+        f"junit_suite_name={side.name}",
+    ]
+
+
+def start_side(side: Side, pytest_args: list[str], stream: bool) -> subprocess.Popen[bytes]:
+    side.artefacts.mkdir(parents=True, exist_ok=True, mode=0o700)
+    env = dict(os.environ, **{DEFAULT_QEMU_ENV: str(side.qemu)})
+    with side.log.open("wb") as log:
+        log.write(("$ " + " ".join(side_command(side, pytest_args)) + "\n").encode())
+    log = side.log.open("ab")
+    try:
+        return subprocess.Popen(
+            side_command(side, pytest_args),
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stream else log,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        log.close()
+
+
+def finish_side(side: Side, proc: subprocess.Popen[bytes], stream: bool) -> int:
+    """Wait for one side (copying its output to the terminal and the log when streaming)."""
+    if stream and proc.stdout is not None:
+        with side.log.open("ab") as log:
+            for line in proc.stdout:
+                log.write(line)
+                sys.stdout.write(f"{side.name}| {line.decode(errors='replace')}")
+                sys.stdout.flush()
+    return proc.wait()
+
+
+def run_sides(sides: list[Side], pytest_args: list[str], parallel: bool, stream: bool) -> None:
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if parallel:
+            procs = [start_side(s, pytest_args, stream=False) for s in sides]
+            codes = [p.wait() for p in procs]
+        else:
+            codes = []
+            for side in sides:
+                print(f"gate: {side.name}: running ({side.log})", flush=True)
+                procs = [start_side(side, pytest_args, stream)]
+                codes.append(finish_side(side, procs[0], stream))
+    except BaseException:
+        # Ctrl-C reaches the pytest children too (same process group); wait so that their
+        # own teardown (QEMU killed and reaped) completes before the gate exits.
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+    for side, code in zip(sides, codes, strict=True):
+        if code == PYTEST_NO_TESTS:
+            raise GateError(f"{side.name}: the selection matched no cases (see {side.log})")
+        if code not in PYTEST_OK or not side.junit.is_file():
+            tail = side.log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise GateError(
+                f"{side.name}: pytest exited {code} without a verdict: {' / '.join(tail)} "
+                f"(log: {side.log})"
+            )
+
+
+def artefact_dirs(comparison: Comparison, sides: list[Side]) -> dict[str, str]:
+    """Test id -> artefact directories kept for its failure, one per failing side."""
+    found: dict[str, str] = {}
+    for row in comparison.rows:
+        paths = []
+        for side in sides:
+            if getattr(row, side.name).outcome.failing:
+                # The harness names a test's directory after its node id (fixtures/plugin.py).
+                name = re.sub(r"[^A-Za-z0-9_.-]+", "_", row.test_id)[-120:]
+                paths += [str(p) for p in sorted(side.artefacts.glob(f"run-*/{name}"))]
+        if paths:
+            found[row.test_id] = ", ".join(paths)
+    return found
+
+
+def main(argv: list[str]) -> int:
+    options, pytest_args = parse_args(argv)
+    try:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(options.output or ROOT / "artefacts" / f"gate-{stamp}").absolute()
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sides = []
+        for name in SIDES:
+            qemu = resolve_qemu(getattr(options, name))
+            sides.append(Side(name, qemu, qemu_label(qemu), out))
+        started = time.monotonic()
+        run_sides(sides, pytest_args, options.parallel, options.stream)
+        elapsed = time.monotonic() - started
+        results = {side.name: read_junit(side.junit.read_text()) for side in sides}
+    except GateError as err:
+        print(f"gate: {err}", file=sys.stderr)
+        return 2
+    comparison = compare(results["baseline"], results["candidate"])
+    labels = {side.name: side.label for side in sides}
+    artefacts = artefact_dirs(comparison, sides)
+    table = terminal_table(comparison, labels, artefacts)
+    summary = markdown_summary(comparison, labels, artefacts)
+    (out / "summary.md").write_text(summary)
+    (out / "verdict.txt").write_text(table)
+    print()
+    print(table, end="")
+    print(
+        f"\ngate: {elapsed:.1f} s; summary: {out / 'summary.md'}; JUnit: "
+        f"{', '.join(str(s.junit) for s in sides)}"
+    )
+    return 1 if comparison.regressions else 0
+
+
+if __name__ == "__main__":
+    os.umask(0o077)
+    raise SystemExit(main(sys.argv[1:]))
