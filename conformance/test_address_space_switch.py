@@ -1,0 +1,148 @@
+"""Address-space switching: DMAR off or a pass-through context gives the device all of guest
+RAM (identity); translation gives it exactly the domain's mappings; reset returns it to
+identity. QEMU: vtd_switch_address_space (nodmar <-> iommu regions; vfio sees region del/add
+and replays), vtd_handle_gcmd_te, vtd_reset -> vtd_address_space_refresh_all (2cc9ddcceb).
+Listener traffic (whole sections unmapped) is marked as a switch window for the rules.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures.pci_config import Bdf
+from fixtures.vtd_page_tables import PAGE_2M
+from fixtures.vtd_rig import DATA_BASE, RigFactory, VtdRig
+
+pytestmark = pytest.mark.qtest
+
+D0 = Bdf(0, 3)
+D1 = Bdf(0, 4)
+IOVA = 0x1_0000_0000
+
+
+async def populate(rig: VtdRig, did: int = 1) -> None:
+    dom = rig.driver.domain(did)
+    async with rig.step(f"populate domain {did}"):
+        await rig.driver.map(dom, IOVA, DATA_BASE, 0x8000)
+        await rig.driver.map(dom, IOVA + PAGE_2M, DATA_BASE + PAGE_2M, PAGE_2M, page_size=PAGE_2M)
+
+
+async def test_dmar_on_with_no_context_blocks_everything(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0",))
+    async with rig.switch_step("enable DMAR, no context entry") as events:
+        await rig.driver.enable_translation()
+    assert events, "identity mappings were not withdrawn"
+
+
+async def test_dmar_off_returns_device_to_identity(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0",))
+    await rig.translate({"d0": 1})
+    await populate(rig)
+    async with rig.switch_step("disable DMAR"):
+        await rig.driver.disable_translation()
+
+
+async def test_dmar_toggle_cycles(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0", "d1"))
+    await rig.translate({"d0": 1, "d1": 2})
+    await populate(rig, 1)
+    for n in range(3):
+        async with rig.switch_step(f"disable DMAR #{n}"):
+            await rig.driver.disable_translation()
+        async with rig.switch_step(f"enable DMAR #{n}"):
+            await rig.driver.enable_translation()
+
+
+async def test_changes_made_while_dmar_off_show_when_it_comes_back(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0",))
+    await rig.translate({"d0": 1})
+    await populate(rig)
+    async with rig.switch_step("disable DMAR"):
+        await rig.driver.disable_translation()
+    dom = rig.driver.domain(1)
+    async with rig.step("unmap/map while off (flushed)"):
+        await rig.driver.unmap(dom, IOVA, 0x4000)
+        await rig.driver.map(dom, IOVA + 0x40000, DATA_BASE + 0x40000, 0x2000)
+    async with rig.switch_step("enable DMAR"):
+        await rig.driver.enable_translation()
+
+
+async def test_pass_through_context_gives_identity(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0",))
+    await rig.translate({"d0": 1}, pass_through=True)
+
+
+async def test_translated_to_pass_through_and_back(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0", "d1"))
+    await rig.translate({"d0": 1, "d1": 1})
+    await populate(rig)
+    dom = rig.driver.domain(1)
+    rig.driver.attach(D0, dom, pass_through=True)
+    async with rig.switch_step("d0 -> pass-through"):
+        await rig.driver.flush_context(D0, 1)
+    rig.driver.attach(D0, dom)
+    async with rig.switch_step("d0 -> translated again"):
+        await rig.driver.flush_context(D0, 1)
+
+
+async def test_detached_device_loses_every_mapping(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0", "d1"))
+    await rig.translate({"d0": 1, "d1": 1})
+    await populate(rig)
+    rig.driver.detach(D0)
+    async with rig.step("d0 context cleared"):
+        await rig.driver.flush_context(D0, 1)
+
+
+async def test_system_reset_returns_device_to_identity(vtd_rig: RigFactory) -> None:
+    """2cc9ddcceb: after system_reset the device must not keep the stale IOMMU region: DMAR is
+    off, so the host must hold the identity map again."""
+    rig = await vtd_rig(devices=("d0",))
+    await rig.translate({"d0": 1})
+    await populate(rig)
+    async with rig.switch_step("system_reset"):
+        await rig.machine.qmp("system_reset")
+        await rig.machine.wait_event("RESET")
+    assert not await rig.driver.translation_enabled()
+
+
+async def test_driver_reinitialised_after_reset_sees_its_domain_again(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0",))
+    await rig.translate({"d0": 1})
+    await populate(rig)
+    async with rig.switch_step("system_reset"):
+        await rig.machine.qmp("system_reset")
+        await rig.machine.wait_event("RESET")
+    rig.driver.gcmd_shadow = 0  # the hardware forgot everything; so does the driver
+    async with rig.step("driver init after reset"):
+        await rig.driver.init()
+    async with rig.switch_step("enable DMAR again"):
+        await rig.driver.enable_translation()
+
+
+async def test_scalable_mode_pass_through(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0",), scalable=True)
+    await rig.translate({"d0": 1}, pass_through=True)
+
+
+async def test_scalable_mode_second_stage_to_pass_through_and_back(vtd_rig: RigFactory) -> None:
+    """PASID entry PGTT second-stage <-> pass-through, each followed by the PASID-cache and
+    context flushes a driver sends."""
+    rig = await vtd_rig(devices=("d0",), scalable=True)
+    await rig.translate({"d0": 1})
+    await populate(rig)
+    dom = rig.driver.domain(1)
+    rig.driver.attach(D0, dom, pass_through=True)
+    async with rig.switch_step("PGTT -> pass-through"):
+        await rig.driver.flush_context(D0, 1)
+    rig.driver.attach(D0, dom)
+    async with rig.switch_step("PGTT -> second-stage"):
+        await rig.driver.flush_context(D0, 1)
+
+
+async def test_scalable_mode_dmar_off_returns_to_identity(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0",), scalable=True)
+    await rig.translate({"d0": 1})
+    await populate(rig)
+    async with rig.switch_step("disable DMAR"):
+        await rig.driver.disable_translation()
