@@ -482,5 +482,9 @@ def serve(inp: Any, out: Any) -> None:
             break
 
 
-if __name__ == "__main__":
+def main() -> None:
     serve(sys.stdin, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
