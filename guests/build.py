@@ -94,7 +94,8 @@ def _run(argv: list[str], *, cwd: Path | None = None, timeout: float = 600) -> s
         raise BuildError(f"{argv[0]}: {e}") from e
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise BuildError(f"{' '.join(argv[:3])} ... failed ({p.returncode}): {last}")
+        words = [a for a in argv if not a.startswith("-") and "::" not in a and "=" not in a]
+        raise BuildError(f"{' '.join(words[:2])} failed ({p.returncode}): {last}")
     return p.stdout
 
 
@@ -103,21 +104,40 @@ def _apt_opts() -> list[str]:
     return ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
 
 
-def resolve_kernel_package() -> str:
-    out = _run(["apt-cache", "depends", KERNEL_META])
-    m = re.search(rf"Depends: ({re.escape(KERNEL_SERIES)}\d+-cloud-amd64)\b", out)
-    if not m:
-        raise BuildError(
-            f"apt cannot resolve {KERNEL_META} to a {KERNEL_SERIES}* kernel: "
-            "the host's apt sources must serve Debian bookworm (run apt-get update)"
-        )
-    return m.group(1) + "-unsigned"
+def _kernel_in(depends_output: str) -> str | None:
+    m = re.search(rf"Depends: ({re.escape(KERNEL_SERIES)}\d+-cloud-amd64)\b", depends_output)
+    return m.group(1) + "-unsigned" if m else None
 
 
-def download(packages: Iterable[str], debs: Path) -> dict[str, Path]:
+def choose_apt(root: Path) -> tuple[list[str], str]:
+    """(apt options, kernel package): the host's apt when it serves bookworm, else a private
+    apt configuration for bookworm on the host's own Debian mirror (ci/private_apt.py)."""
+    try:
+        kernel = _kernel_in(_run(["apt-cache", "depends", KERNEL_META]))
+    except BuildError:
+        kernel = None
+    if kernel is not None:
+        return _apt_opts(), kernel
+    sys.path.insert(0, str(HERE.parent))
+    try:
+        from ci.private_apt import PrivateApt, ProvisionError
+    except ImportError as e:
+        raise BuildError(f"the host's apt has no bookworm kernel and {e}") from e
+    try:
+        apt = PrivateApt(root / "apt-bookworm", ["bookworm", "bookworm-updates"])
+        apt.update()
+    except ProvisionError as e:
+        raise BuildError(f"private bookworm apt: {e}") from e
+    kernel = _kernel_in(_run(["apt-cache", *apt.options, "depends", KERNEL_META]))
+    if kernel is None:
+        raise BuildError(f"bookworm's {KERNEL_META} is not a {KERNEL_SERIES}* kernel")
+    return apt.options, kernel
+
+
+def download(packages: Iterable[str], debs: Path, apt_opts: list[str]) -> dict[str, Path]:
     """apt-get download into a shared .deb cache; returns package name -> .deb path."""
     names = list(packages)
-    uris = _run(["apt-get", *_apt_opts(), "download", "--print-uris", *names])
+    uris = _run(["apt-get", *apt_opts, "download", "--print-uris", *names])
     wanted: dict[str, Path] = {}
     for line in uris.splitlines():
         # 'URI' FILENAME SIZE HASH
@@ -130,7 +150,7 @@ def download(packages: Iterable[str], debs: Path) -> dict[str, Path]:
         raise BuildError(f"apt has no candidate for: {' '.join(missing)}")
     todo = [n for n, p in wanted.items() if not p.is_file()]
     if todo:
-        _run(["apt-get", *_apt_opts(), "download", *todo], cwd=debs)
+        _run(["apt-get", *apt_opts, "download", *todo], cwd=debs)
     for n, p in wanted.items():
         if not p.is_file():
             raise BuildError(f"apt-get download did not produce {p.name} for {n}")
@@ -425,8 +445,8 @@ def build(force: bool = False) -> Path:
             work = Path(tmp)
             out = work / "out"
             out.mkdir(mode=0o700)
-            kernel_pkg = resolve_kernel_package()
-            files = download([kernel_pkg, *PACKAGES], debs)
+            apt_opts, kernel_pkg = choose_apt(root)
+            files = download([kernel_pkg, *PACKAGES], debs, apt_opts)
             roots = unpack(files, work / "pkgs")
             info = assemble(roots, kernel_pkg, work, out)
             info["packages"] = {n: p.name for n, p in sorted(files.items())}
