@@ -8,12 +8,16 @@ independent walk of the live VT-d tables in guest RAM (VM paused).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from fixtures.dma_engine import DmaDirection, DmaStatus, FaultReason
 from fixtures.guest_dma import GuestContainer, GuestVfioDevice, device_state
+from fixtures.guest_machine import GUEST_IOMMU
 from fixtures.guest_plugin import GuestFactory
 from fixtures.vfio_user_plugin import VfioUserHostFactory
+from fixtures.vtd_registers import DMAR_BASE, RTADDR, RTADDR_SMT
 
 pytestmark = pytest.mark.guest
 
@@ -22,12 +26,22 @@ IOVA = 0x10_0000
 HUGE = 2 << 20
 
 
+@pytest.mark.parametrize(
+    "iommu",
+    [
+        pytest.param(GUEST_IOMMU, id="legacy"),
+        pytest.param({**GUEST_IOMMU, "scalable-mode": True}, id="scalable"),
+    ],
+)
 async def test_type1_maps_reach_host_as_guest_intended(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+    guest: GuestFactory, vfio_user_host: VfioUserHostFactory, iommu: dict[str, Any]
 ) -> None:
-    """Small and large maps, read-only and read-write, then partial and full unmaps."""
+    """Small and large maps, read-only and read-write, then partial and full unmaps, with
+    legacy and scalable-mode (second-stage) translation tables."""
     srv = await vfio_user_host("devA")
-    g = await guest(devices=[srv.device_json(addr="0x3")])
+    g = await guest(devices=[srv.device_json(addr="0x3")], iommu=iommu)
+    rtaddr = await g.read_phys_u64(DMAR_BASE + RTADDR)
+    assert bool(rtaddr & RTADDR_SMT) == bool(iommu.get("scalable-mode")), f"RTADDR {rtaddr:#x}"
     c = GuestContainer(g)
     await c.add(GuestVfioDevice(srv, DEV_A_BDF))
     await c.alloc("small", 8 * 4096)
