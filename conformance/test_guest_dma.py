@@ -8,11 +8,12 @@ independent walk of the live VT-d tables in guest RAM (VM paused).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from fixtures.dma_engine import DmaDirection, DmaStatus, FaultReason
+from fixtures.dma_engine import DmaDirection, DmaPath, DmaStatus, FaultReason
 from fixtures.guest_dma import GuestContainer, GuestVfioDevice, device_state
 from fixtures.guest_machine import GUEST_IOMMU
 from fixtures.guest_plugin import GuestFactory
@@ -96,6 +97,13 @@ async def test_device_dma_both_directions_then_faults_after_unmap(
     assert r.status is DmaStatus.DONE, r
     assert bytes(srv.engine.buffer[:0x100]) == b"\x5a" * 0x100
 
+    # QEMU's own translation path (DMA_READ/DMA_WRITE messages) agrees with the host's.
+    srv.engine.buffer[:16] = b"client-path-ok!!"
+    r = await dev.dma(g, DmaDirection.TO_MEMORY, dst=IOVA + 0x10, length=16, path=DmaPath.CLIENT)
+    assert r.status is DmaStatus.DONE, r
+    got = await g.call("read", buffer="buf", offset=0x10, size=16)
+    assert bytes.fromhex(got) == b"client-path-ok!!"
+
     await c.unmap(IOVA, 4 * 4096)
     await c.check()
     before = await g.call("read", buffer="buf")
@@ -104,6 +112,19 @@ async def test_device_dma_both_directions_then_faults_after_unmap(
     assert r.status is DmaStatus.FAULT, r
     assert (r.fault_reason, r.fault_iova) == (FaultReason.UNMAPPED, IOVA + 0x1800)
     assert await g.call("read", buffer="buf") == before, "DMA after unmap reached the buffer"
+    # QEMU's translation faults too: the DMA_WRITE is refused and the guest sees a DMAR fault.
+    r = await dev.dma(g, DmaDirection.TO_MEMORY, dst=IOVA + 0x10, length=16, path=DmaPath.CLIENT)
+    assert (r.status, r.fault_reason) == (DmaStatus.FAULT, FaultReason.CLIENT_ERROR), r
+    assert await g.call("read", buffer="buf") == before, "client-path DMA after unmap landed"
+    # VT-d fault reason 5: a write through a second-level entry whose W bit is clear
+    # (a non-present entry has neither R nor W). The fault record holds the page address.
+    want = f"[DMA Write NO_PASID] Request device [00:03.0] fault addr {IOVA:#x} [fault reason 0x05]"
+    for _ in range(25):  # the guest logs the fault from its fault-event interrupt
+        if any(want in line for line in await g.call("dmesg")):
+            break
+        await asyncio.sleep(0.2)
+    else:
+        pytest.fail(f"no guest DMAR fault logged: {want!r}")
 
 
 async def test_read_only_mapping_faults_device_writes(
