@@ -17,7 +17,7 @@ from fixtures.dma_engine import DmaDirection, DmaStatus
 from fixtures.dma_event import DmaOp
 from fixtures.expected_state import from_events
 from fixtures.guest_dma import GuestContainer, GuestVfioDevice
-from fixtures.guest_machine import Guest
+from fixtures.guest_machine import GUEST_IOMMU, Guest
 from fixtures.guest_plugin import GuestFactory
 from fixtures.vfio_user_plugin import VfioUserHostFactory
 
@@ -37,12 +37,19 @@ async def _wait_for_pci(g: Guest, bdf: str, present: bool, timeout: float = 20.0
     await g.call("wait_pci", bdf=bdf, present=present, within=timeout, timeout=timeout + 5)
 
 
+@pytest.mark.parametrize(
+    "iommu",
+    [
+        pytest.param(GUEST_IOMMU, id="legacy"),
+        pytest.param({**GUEST_IOMMU, "scalable-mode": True}, id="scalable"),
+    ],
+)
 async def test_hotplugged_device_gets_exactly_the_live_mappings(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+    guest: GuestFactory, vfio_user_host: VfioUserHostFactory, iommu: dict[str, Any]
 ) -> None:
     a = await vfio_user_host("devA")
     b = await vfio_user_host("devB")
-    g = await guest(devices=[a.device_json(addr="0x3"), ROOT_PORT])
+    g = await guest(devices=[a.device_json(addr="0x3"), ROOT_PORT], iommu=iommu)
     c = GuestContainer(g)
     await c.add(GuestVfioDevice(a, "0000:00:03.0"))
     await c.alloc("buf", 8 * 4096)
