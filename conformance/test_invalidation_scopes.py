@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from fixtures.pci_config import Bdf
+from fixtures.vtd_driver import VtdDriverError
+from fixtures.vtd_invalidation import IotlbGranularity, iotlb
 from fixtures.vtd_page_tables import PAGE_1G, PAGE_2M, PAGE_4K
 from fixtures.vtd_rig import DATA_BASE, RigFactory, VtdRig
 
@@ -375,4 +377,76 @@ async def test_scalable_piotlb_pasid_selective_syncs(vtd_rig: RigFactory) -> Non
     dom.tables.map(IOVA, DATA_BASE, 0x8000)
     dom.tables.map(IOVA + PAGE_2M, DATA_BASE + PAGE_2M, PAGE_2M, page_size=PAGE_2M)
     async with rig.step("p-iotlb all-in-pasid"):
+        await rig.driver.piotlb_pasid(1, 0)
+
+
+# ---- more scopes and corner cases -------------------------------------------------------------
+
+
+async def test_psi_updates_every_device_of_the_domain(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0", "d1", "d2"))
+    await rig.translate({"d0": 1, "d1": 1, "d2": 2})
+    dom = rig.driver.domain(1)
+    async with rig.step("map in domain 1") as events:
+        await rig.driver.map(dom, IOVA, DATA_BASE, 0x2000)
+    assert {e.device for e in events} == {"d0", "d1"}
+
+
+async def test_psi_mask_beyond_mamv_is_an_invalidation_queue_error(vtd_rig: RigFactory) -> None:
+    """VT-d 6.5.2.3: an IOTLB PSI whose AM exceeds CAP.MAMV is an invalid descriptor (IQE);
+    nothing may reach the host."""
+    rig = await one_domain(vtd_rig)
+    mamv = rig.driver.mamv
+    bad = iotlb(IotlbGranularity.PAGE, domain=1, addr=0, am=mamv + 1)
+    async with rig.noop_step("psi am=MAMV+1"):
+        with pytest.raises(VtdDriverError, match="FSTS=0x10 "):
+            await rig.driver.submit(bad)
+
+
+async def test_reserved_bit_in_pte_maps_nothing(vtd_rig: RigFactory) -> None:
+    """A PTE with a reserved bit set translates nothing (VT-d 9.8): no MAP for it."""
+    rig = await one_domain(vtd_rig)
+    dom = rig.driver.domain(1)
+    async with rig.step("map two pages"):
+        await rig.driver.map(dom, IOVA, DATA_BASE, 0x2000)
+    dom.tables.unmap(IOVA + PAGE_4K, PAGE_4K)
+    dom.tables.map(IOVA + PAGE_4K, DATA_BASE + 0x10000, PAGE_4K)
+    table_entry = dom.tables._table_for(IOVA + PAGE_4K, 1, create=False)
+    assert table_entry is not None
+    addr = table_entry + 8 * ((IOVA + PAGE_4K) >> 12 & 511)
+    raw = int.from_bytes(rig.machine.ram.read(addr, 8), "little")
+    rig.machine.ram.write(addr, (raw | 1 << 8).to_bytes(8, "little"))  # bit 8: reserved
+    async with rig.change_step("reserved bit, psi", [(IOVA + PAGE_4K, PAGE_4K)], remapped=False):
+        await rig.driver.iotlb_psi(1, IOVA + PAGE_4K, 0)
+
+
+async def test_write_only_pte_maps_read_write_on_the_host(vtd_rig: RigFactory) -> None:
+    """vfio maps READ for any accessible IOVA and WRITE when the guest allowed it."""
+    rig = await one_domain(vtd_rig)
+    dom = rig.driver.domain(1)
+    async with rig.step("write-only page") as events:
+        await rig.driver.map(dom, IOVA, DATA_BASE, PAGE_4K, read=False, write=True)
+    assert [(e.read, e.write) for e in events] == [(True, True)]
+
+
+async def test_iotlb_invalidation_of_empty_domain_is_silent(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0",))
+    await rig.translate({"d0": 1})
+    await populated(rig, 1)
+    async with rig.noop_step("dsi + psi of domain 7 (no device)"):
+        await rig.driver.iotlb_domain(7)
+        await rig.driver.iotlb_psi(7, IOVA, 9)
+
+
+async def test_scalable_mode_dsi_and_global_iotlb(vtd_rig: RigFactory) -> None:
+    rig = await one_domain(vtd_rig, scalable=True)
+    await populated(rig, 1)
+    dom = rig.driver.domain(1)
+    dom.tables.unmap(IOVA + (1 << 32), 0x2000)
+    async with rig.step("dsi (legacy descriptor in scalable mode)"):
+        await rig.driver.iotlb_domain(1)
+    dom.tables.map(IOVA + (1 << 32), DATA_BASE + 0x900000, 0x2000)
+    async with rig.step("global iotlb"):
+        await rig.driver.iotlb_global()
+    async with rig.noop_step("p-iotlb all-in-pasid, nothing changed"):
         await rig.driver.piotlb_pasid(1, 0)

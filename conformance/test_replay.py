@@ -202,3 +202,15 @@ async def test_scalable_mode_hotplug_replays_second_stage_mappings(vtd_rig: RigF
     async with rig.replay_step("hotplug d1", "d1") as events:
         await rig.hotplug("d1")
     assert events
+
+
+async def test_unplug_leaves_the_other_device_of_the_domain_alone(vtd_rig: RigFactory) -> None:
+    rig = await vtd_rig(devices=("d0",), ports=1)
+    dom = await populated(rig)
+    rig.driver.attach(HOTPLUG, dom)
+    await rig.driver.flush_context(HOTPLUG, dom.did)
+    async with rig.replay_step("hotplug d1", "d1"):
+        await rig.hotplug("d1")
+    async with rig.step("unplug d1") as events:
+        await rig.unplug("d1")
+    assert not [e for e in events if e.device == "d0"], "unplugging d1 disturbed d0"
