@@ -148,3 +148,33 @@ async def test_read_only_mapping_faults_device_writes(
     r = await dev.dma(g, DmaDirection.TO_MEMORY, dst=IOVA, length=64)
     assert (r.status, r.fault_reason) == (DmaStatus.FAULT, FaultReason.PERMISSION), r
     assert bytes.fromhex(await g.call("read", buffer="ro", size=64)) == b"\x33" * 64
+
+
+async def test_two_containers_keep_their_domains_apart(
+    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+) -> None:
+    """Two devices in two type1 containers (two guest domains) map the same IOVA to
+    different buffers: each host record holds only its own container's mapping, and each
+    device's DMA at that IOVA lands in its own buffer."""
+    a = await vfio_user_host("devA")
+    b = await vfio_user_host("devB")
+    g = await guest(devices=[a.device_json(addr="0x3"), b.device_json(addr="0x4")])
+    ca, cb = GuestContainer(g, "ca"), GuestContainer(g, "cb")
+    dev_a, dev_b = GuestVfioDevice(a, DEV_A_BDF), GuestVfioDevice(b, "0000:00:04.0")
+    await ca.add(dev_a)
+    await cb.add(dev_b)
+    await ca.alloc("for_a", 4096)
+    await cb.alloc("for_b", 4096)
+    await ca.map("for_a", IOVA)
+    await cb.map("for_b", IOVA)
+    await ca.check()  # devA's record == container ca's intent only
+    await cb.check()
+    a.engine.buffer[:5] = b"AAAAA"
+    b.engine.buffer[:5] = b"BBBBB"
+    for dev, g_buf, want in ((dev_a, "for_a", b"AAAAA"), (dev_b, "for_b", b"BBBBB")):
+        r = await dev.dma(g, DmaDirection.TO_MEMORY, dst=IOVA + 8, length=5)
+        assert r.status is DmaStatus.DONE, r
+        assert bytes.fromhex(await g.call("read", buffer=g_buf, offset=8, size=5)) == want
+    await cb.unmap(IOVA, 4096)
+    await ca.check()  # devA keeps its mapping when the other domain unmaps the same IOVA
+    await cb.check()
