@@ -28,6 +28,8 @@ async def populate(rig: VtdRig, did: int = 1) -> None:
 
 
 async def test_dmar_on_with_no_context_blocks_everything(vtd_rig: RigFactory) -> None:
+    """vtd_handle_gcmd_te -> vtd_switch_address_space_all: identity is withdrawn, a device without
+    context gets nothing."""
     rig = await vtd_rig(devices=("d0",))
     async with rig.switch_step("enable DMAR, no context entry") as events:
         await rig.driver.enable_translation()
@@ -35,6 +37,8 @@ async def test_dmar_on_with_no_context_blocks_everything(vtd_rig: RigFactory) ->
 
 
 async def test_dmar_off_returns_device_to_identity(vtd_rig: RigFactory) -> None:
+    """TE off switches to the nodmar region: vfio unmaps the IOMMU sections and maps all of RAM
+    again."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
     await populate(rig)
@@ -43,6 +47,8 @@ async def test_dmar_off_returns_device_to_identity(vtd_rig: RigFactory) -> None:
 
 
 async def test_dmar_toggle_cycles(vtd_rig: RigFactory) -> None:
+    """Repeated TE off/on: every switch ends in the right state, no stale or overlapping map across
+    cycles."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
     await populate(rig, 1)
@@ -54,6 +60,7 @@ async def test_dmar_toggle_cycles(vtd_rig: RigFactory) -> None:
 
 
 async def test_changes_made_while_dmar_off_show_when_it_comes_back(vtd_rig: RigFactory) -> None:
+    """Replay at TE on walks the tables as they are now, not as they were when DMAR went off."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
     await populate(rig)
@@ -68,11 +75,14 @@ async def test_changes_made_while_dmar_off_show_when_it_comes_back(vtd_rig: RigF
 
 
 async def test_pass_through_context_gives_identity(vtd_rig: RigFactory) -> None:
+    """Legacy TT=2 (pass-through): vtd_switch_address_space uses nodmar, the host holds identity
+    over RAM."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1}, pass_through=True)
 
 
 async def test_translated_to_pass_through_and_back(vtd_rig: RigFactory) -> None:
+    """Context TT translated <-> pass-through with a device-selective flush switches d0 only."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 1})
     await populate(rig)
@@ -86,6 +96,8 @@ async def test_translated_to_pass_through_and_back(vtd_rig: RigFactory) -> None:
 
 
 async def test_detached_device_loses_every_mapping(vtd_rig: RigFactory) -> None:
+    """A non-present context after the flush (vtd_address_space_sync -> vtd_address_space_unmap): d0
+    empty, d1 untouched."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 1})
     await populate(rig)
@@ -107,6 +119,7 @@ async def test_system_reset_returns_device_to_identity(vtd_rig: RigFactory) -> N
 
 
 async def test_driver_reinitialised_after_reset_sees_its_domain_again(vtd_rig: RigFactory) -> None:
+    """After reset a driver that sets SRTP/QIE/TE again gets its domain's mappings replayed."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
     await populate(rig)
@@ -121,6 +134,7 @@ async def test_driver_reinitialised_after_reset_sees_its_domain_again(vtd_rig: R
 
 
 async def test_scalable_mode_pass_through(vtd_rig: RigFactory) -> None:
+    """Scalable mode PASID entry PGTT=4 (pass-through): identity over RAM."""
     rig = await vtd_rig(devices=("d0",), scalable=True)
     await rig.translate({"d0": 1}, pass_through=True)
 
@@ -141,6 +155,7 @@ async def test_scalable_mode_second_stage_to_pass_through_and_back(vtd_rig: RigF
 
 
 async def test_scalable_mode_dmar_off_returns_to_identity(vtd_rig: RigFactory) -> None:
+    """Scalable mode TE off: back to identity, as in legacy mode."""
     rig = await vtd_rig(devices=("d0",), scalable=True)
     await rig.translate({"d0": 1})
     await populate(rig)

@@ -37,6 +37,8 @@ async def one_domain(vtd_rig: RigFactory, **kwargs: Any) -> VtdRig:
 
 
 async def test_psi_4k_map_then_unmap(vtd_rig: RigFactory) -> None:
+    """vtd_iotlb_page_invalidate_notify with am=0: one MAP for a new PTE, one UNMAP once it is
+    cleared."""
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
     async with rig.step("map one page") as events:
@@ -57,6 +59,8 @@ async def test_psi_with_address_mask_covers_every_page(vtd_rig: RigFactory) -> N
 
 
 async def test_psi_mask_wider_than_the_change_is_harmless(vtd_rig: RigFactory) -> None:
+    """A PSI wider than the change walks (1 << am) pages but vtd_page_walk_one skips what is
+    unchanged: one MAP."""
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
     dom.tables.map(IOVA + 0x5000, DATA_BASE, PAGE_4K)
@@ -66,6 +70,7 @@ async def test_psi_mask_wider_than_the_change_is_harmless(vtd_rig: RigFactory) -
 
 
 async def test_psi_of_2m_leaf(vtd_rig: RigFactory) -> None:
+    """PSI am=9 over a 2 MiB leaf: the leaf is mapped and unmapped as one 2 MiB entry."""
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
     async with rig.step("map 2 MiB leaf"):
@@ -75,6 +80,7 @@ async def test_psi_of_2m_leaf(vtd_rig: RigFactory) -> None:
 
 
 async def test_psi_of_1g_leaf(vtd_rig: RigFactory) -> None:
+    """PSI am=18 (CAP.MAMV) over a 1 GiB leaf: one 1 GiB MAP, then one UNMAP."""
     rig = await one_domain(vtd_rig, memory_mib=2048)
     dom = rig.driver.domain(1)
     async with rig.step("map 1 GiB leaf") as events:
@@ -122,12 +128,15 @@ async def test_psi_with_invalidation_hint(vtd_rig: RigFactory) -> None:
 
 
 async def test_psi_over_never_mapped_range_is_silent(vtd_rig: RigFactory) -> None:
+    """vtd_page_walk_one skips UNMAPs of ranges the iova_tree never mapped."""
     rig = await one_domain(vtd_rig)
     async with rig.noop_step("psi of nothing"):
         await rig.driver.iotlb_psi(1, IOVA, am=9)
 
 
 async def test_psi_of_other_domain_leaves_this_one_alone(vtd_rig: RigFactory) -> None:
+    """vtd_iotlb_page_invalidate_notify filters by domain id: a PSI with another DID syncs nothing
+    here."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
     dom1 = rig.driver.domain(1)
@@ -142,6 +151,7 @@ async def test_psi_of_other_domain_leaves_this_one_alone(vtd_rig: RigFactory) ->
 
 
 async def test_in_place_change_is_unmap_then_map(vtd_rig: RigFactory) -> None:
+    """vtd_page_walk_one: a changed translation is notified as UNMAP then MAP of the same 4 KiB."""
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
     async with rig.step("map"):
@@ -152,6 +162,8 @@ async def test_in_place_change_is_unmap_then_map(vtd_rig: RigFactory) -> None:
 
 
 async def test_permission_only_change_is_unmap_then_map(vtd_rig: RigFactory) -> None:
+    """A permission change is a changed translation too (the DMAMap differs): UNMAP then a read-only
+    MAP."""
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
     async with rig.step("map rw"):
@@ -224,6 +236,7 @@ async def test_split_2m_leaf_with_one_page_retargeted(vtd_rig: RigFactory) -> No
     "host mapping (-EINVAL), then 512 overlapping 2 MiB MAPs (-EEXIST). " + SPLIT_BISECTS,
 )
 async def test_split_1g_leaf_into_2m_leaves(vtd_rig: RigFactory) -> None:
+    """The in-place split one level up (1 GiB leaf -> 512 x 2 MiB), same vtd_page_walk_one path."""
     rig = await one_domain(vtd_rig, memory_mib=2048)
     dom = rig.driver.domain(1)
     async with rig.step("map 1 GiB leaf"):
@@ -253,6 +266,8 @@ async def test_dsi_with_unchanged_mappings_is_silent(vtd_rig: RigFactory) -> Non
 
 
 async def test_global_iotlb_with_unchanged_mappings_is_silent(vtd_rig: RigFactory) -> None:
+    """Global IOTLB invalidation (vtd_iommu_replay_all / sync of every AS) over unchanged tables: no
+    traffic (3e090e3489, 63b88968f1)."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
     await populated(rig, 1)
@@ -262,6 +277,8 @@ async def test_global_iotlb_with_unchanged_mappings_is_silent(vtd_rig: RigFactor
 
 
 async def test_dsi_syncs_every_unflushed_change(vtd_rig: RigFactory) -> None:
+    """DSI (vtd_iotlb_domain_invalidate -> vtd_address_space_sync): every pending change in the
+    domain reaches the host."""
     rig = await one_domain(vtd_rig)
     await populated(rig)
     dom = rig.driver.domain(1)
@@ -275,6 +292,7 @@ async def test_dsi_syncs_every_unflushed_change(vtd_rig: RigFactory) -> None:
 
 
 async def test_dsi_of_other_domain_leaves_this_one_alone(vtd_rig: RigFactory) -> None:
+    """DSI filters by domain id: domain 2's DSI must not sync (or unmap) domain 1's device."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
     await populated(rig, 1)
@@ -287,6 +305,7 @@ async def test_dsi_of_other_domain_leaves_this_one_alone(vtd_rig: RigFactory) ->
 
 
 async def test_global_iotlb_syncs_all_domains(vtd_rig: RigFactory) -> None:
+    """Global IOTLB invalidation syncs every address space with a MAP notifier, across domains."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
     await populated(rig, 1)
@@ -318,6 +337,8 @@ async def test_unmaps_never_leave_the_notifier_range(vtd_rig: RigFactory) -> Non
 
 
 async def test_context_cache_global_resyncs_every_device(vtd_rig: RigFactory) -> None:
+    """vtd_context_global_invalidate -> vtd_address_space_refresh_all: every device ends equal to
+    its tables."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
     await populated(rig, 1)
@@ -327,6 +348,7 @@ async def test_context_cache_global_resyncs_every_device(vtd_rig: RigFactory) ->
 
 
 async def test_context_cache_domain_selective(vtd_rig: RigFactory) -> None:
+    """vtd_context_domain_invalidate: switch + sync of the devices of the domain."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
     await populated(rig, 1)
@@ -335,6 +357,8 @@ async def test_context_cache_domain_selective(vtd_rig: RigFactory) -> None:
 
 
 async def test_context_device_selective_moves_device_between_domains(vtd_rig: RigFactory) -> None:
+    """vtd_context_device_invalidate: d0's context now points at domain 2; its host swaps domain 1's
+    mappings for domain 2's."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
     await populated(rig, 1)
@@ -363,6 +387,8 @@ async def test_non_present_context_during_sync(vtd_rig: RigFactory) -> None:
 
 
 async def test_scalable_piotlb_psi_maps_and_unmaps(vtd_rig: RigFactory) -> None:
+    """vtd_process_piotlb_desc PSI-in-PASID -> vtd_iotlb_page_invalidate_notify for PASID 0 (256-bit
+    queue)."""
     rig = await one_domain(vtd_rig, scalable=True)
     dom = rig.driver.domain(1)
     async with rig.step("map (p-iotlb psi)"):
@@ -372,6 +398,7 @@ async def test_scalable_piotlb_psi_maps_and_unmaps(vtd_rig: RigFactory) -> None:
 
 
 async def test_scalable_piotlb_pasid_selective_syncs(vtd_rig: RigFactory) -> None:
+    """vtd_piotlb_pasid_invalidate -> vtd_address_space_sync where the RID_PASID matches."""
     rig = await one_domain(vtd_rig, scalable=True)
     dom = rig.driver.domain(1)
     dom.tables.map(IOVA, DATA_BASE, 0x8000)
@@ -384,6 +411,7 @@ async def test_scalable_piotlb_pasid_selective_syncs(vtd_rig: RigFactory) -> Non
 
 
 async def test_psi_updates_every_device_of_the_domain(vtd_rig: RigFactory) -> None:
+    """vtd_iotlb_page_invalidate_notify notifies every AS of the domain, and only those."""
     rig = await vtd_rig(devices=("d0", "d1", "d2"))
     await rig.translate({"d0": 1, "d1": 1, "d2": 2})
     dom = rig.driver.domain(1)
@@ -430,6 +458,7 @@ async def test_write_only_pte_maps_read_write_on_the_host(vtd_rig: RigFactory) -
 
 
 async def test_iotlb_invalidation_of_empty_domain_is_silent(vtd_rig: RigFactory) -> None:
+    """Invalidations naming a domain no device uses reach nobody."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
     await populated(rig, 1)
@@ -439,6 +468,8 @@ async def test_iotlb_invalidation_of_empty_domain_is_silent(vtd_rig: RigFactory)
 
 
 async def test_scalable_mode_dsi_and_global_iotlb(vtd_rig: RigFactory) -> None:
+    """Legacy IOTLB descriptors still sync second-stage PASID entries in scalable mode; an unchanged
+    P-IOTLB is silent."""
     rig = await one_domain(vtd_rig, scalable=True)
     await populated(rig, 1)
     dom = rig.driver.domain(1)

@@ -57,16 +57,21 @@ async def test_caching_mode_off_realizes_and_works_untranslated(vtd_rig: RigFact
 
 
 async def test_caching_mode_off_refuses_map_notifier_on_dmar_enable(vtd_rig: RigFactory) -> None:
+    """vtd_iommu_notify_flag_changed: MAP without caching-mode is refused ('requires caching mode');
+    vfio then stops QEMU (hw_error 'DMA mapping failed')."""
     rig = await vtd_rig(devices=("d0",), iommu={"caching-mode": False})
     await refused_on_dmar_enable(rig, "requires caching mode")
 
 
 async def test_snoop_control_rejects_every_notifier(vtd_rig: RigFactory) -> None:
+    """vtd_iommu_notify_flag_changed: snoop-control=on refuses vfio's notifier; QEMU stops rather
+    than run unprotected."""
     rig = await vtd_rig(devices=("d0",), iommu={"snoop-control": True})
     await refused_on_dmar_enable(rig, "Snoop Control with vhost or VFIO is not supported")
 
 
 async def test_map_unmap_notifier_gets_both(vtd_rig: RigFactory) -> None:
+    """vfio's IOMMU_NOTIFIER_IOTLB_EVENTS notifier receives both MAP and UNMAP events."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
     dom = rig.driver.domain(1)

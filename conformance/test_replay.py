@@ -87,6 +87,8 @@ async def test_enabling_dmar_after_mappings_exist_replays_them(vtd_rig: RigFacto
 
 
 async def test_second_device_attached_to_same_domain_gets_the_replay(vtd_rig: RigFactory) -> None:
+    """vtd_context_device_invalidate -> vtd_address_space_sync of the new device only: the domain's
+    mappings reach d1, d0 (already synced) sees nothing."""
     rig = await vtd_rig(devices=("d0", "d1"))
     dom = await populated(rig)
     rig.driver.attach(D1, dom)
@@ -97,6 +99,8 @@ async def test_second_device_attached_to_same_domain_gets_the_replay(vtd_rig: Ri
 
 
 async def test_device_in_other_domain_gets_nothing(vtd_rig: RigFactory) -> None:
+    """Replay walks the new device's own context (vtd_iommu_replay): an empty domain 2 replays
+    nothing, domain 1's mappings stay with d0."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await populated(rig)
     other = rig.driver.domain(2)
@@ -126,6 +130,8 @@ async def test_replug_replays_current_state_not_stale_one(vtd_rig: RigFactory) -
 
 async def test_replay_of_one_gib_leaf(vtd_rig: RigFactory) -> None:
     # 2 GiB of RAM: GPA 1 GiB..2 GiB is one contiguous RAM block a 1 GiB leaf can target.
+    """vtd_page_walk_level notifies a 1 GiB leaf as one entry: the replay maps it whole (vfio maps
+    RAM-backed targets only, hence 2 GiB of RAM)."""
     rig = await vtd_rig(devices=("d0", "d1"), memory_mib=2048)
     dom = rig.driver.domain(1)
     rig.driver.attach(D0, dom)
@@ -140,6 +146,7 @@ async def test_replay_of_one_gib_leaf(vtd_rig: RigFactory) -> None:
 
 
 async def test_replay_keeps_read_only_permission(vtd_rig: RigFactory) -> None:
+    """The replayed entry carries the leaf's permissions (IOMMU_RO): vfio maps it without WRITE."""
     rig = await vtd_rig(devices=("d0", "d1"))
     dom = await populated(rig)
     rig.driver.attach(D1, dom)
@@ -205,6 +212,8 @@ async def test_scalable_mode_hotplug_replays_second_stage_mappings(vtd_rig: RigF
 
 
 async def test_unplug_leaves_the_other_device_of_the_domain_alone(vtd_rig: RigFactory) -> None:
+    """vfio_listener_region_del of d1's IOMMU sections (notifier unregistration) touches only d1's
+    host."""
     rig = await vtd_rig(devices=("d0",), ports=1)
     dom = await populated(rig)
     rig.driver.attach(HOTPLUG, dom)
