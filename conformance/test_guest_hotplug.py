@@ -3,7 +3,10 @@
 Seeds: replay (memory_region_iommu_replay / vtd_iommu_replay: a notifier registered while
 the domain already has mappings gets a MAP for each, and only that notifier does) and type1
 replay into a new domain (the guest's type1 attaches the new group to the container's
-existing domain, so the device's context entry starts pointing at live page tables).
+existing domain, so the device's context entry starts pointing at live page tables). The
+guest's attach also sends domain-selective IOTLB invalidations for the shared domain: devA,
+already in sync, must see no traffic at all (63b88968f1: DSI unmapped then replayed, a window
+in which devA's DMA would fault; 3e090e3489).
 q35's root ports use ACPI hotplug by default: device_add / device_del complete at once.
 """
 
