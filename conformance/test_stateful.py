@@ -1,8 +1,9 @@
-"""Stateful fuzzing: random sequences of map / unmap / remap / split / merge / invalidate (every
-scope) / DMAR toggle / attach / hotplug / unplug over 1-3 devices and 2 domains. After every
-step the rig checks each device's host record against the walk of the tables in guest RAM and
-every notifier / type1 rule; an invalidation that changes nothing must produce no traffic
-(63b88968f1). A failure shrinks to the step list hypothesis prints (a replayable program).
+"""Stateful fuzzing, legacy and scalable mode: random sequences of map / unmap / remap / split /
+merge / invalidate (every scope) / DMAR toggle / attach / hotplug / unplug over 1-3 devices and
+2 domains. After every step the rig checks each device's host record against the walk of the
+tables in guest RAM and every notifier / type1 rule; an invalidation that changes nothing must
+produce no traffic (63b88968f1). A failure shrinks to the step list hypothesis prints (a
+replayable program).
 
 Each example gets a fresh QEMU. The machine runs in a worker thread (hypothesis is synchronous);
 every step is a coroutine handed to the test's event loop, where QEMU's qtest and QMP sockets
@@ -52,8 +53,18 @@ IOVA_BASE = 0x1_0000_0000
 REGIONS = 3  # 2 MiB IOVA regions per domain: small, so operations collide
 GPA_PAGES = 0x2000  # 32 MiB of target pages above DATA_BASE
 DOMAINS = (1, 2)
-SCOPES = ("psi", "psi-region", "dsi", "global", "cc-domain", "cc-global")
-NOOP_SCOPES = ("psi", "dsi", "global")  # IOTLB scopes over unchanged tables: silent
+# p-iotlb-* are PASID-based IOTLB descriptors; in legacy mode they fall back to psi / dsi.
+SCOPES = (
+    "psi",
+    "psi-region",
+    "dsi",
+    "global",
+    "cc-domain",
+    "cc-global",
+    "p-iotlb-psi",
+    "p-iotlb-pasid",
+)
+NOOP_SCOPES = ("psi", "dsi", "global", "p-iotlb-psi", "p-iotlb-pasid")  # silent when unchanged
 # VIOMMU_FUZZ_KNOWN_BUGS=1: also split live leaves in place (finds and shrinks the known bug).
 KNOWN_BUGS = os.environ.get("VIOMMU_FUZZ_KNOWN_BUGS") == "1"
 
@@ -113,7 +124,13 @@ class VtdStateMachine(RuleBasedStateMachine):
 
     async def _flush(self, did: int, iova: int, size: int, scope: str) -> None:
         driver = self.r.driver
-        if scope == "psi":
+        if scope.startswith("p-iotlb") and not self.r.scalable:
+            scope = "psi" if scope == "p-iotlb-psi" else "dsi"
+        if scope == "p-iotlb-psi":
+            await driver.flush_range(driver.domain(did), iova, size)
+        elif scope == "p-iotlb-pasid":
+            await driver.piotlb_pasid(did, 0)
+        elif scope == "psi":
             await driver.iotlb_range(did, iova, size)
         elif scope == "psi-region":  # one PSI wider than the change: the whole 2 MiB region
             await driver.iotlb_psi(did, iova - (iova - IOVA_BASE) % PAGE_2M, 9)
@@ -141,11 +158,12 @@ class VtdStateMachine(RuleBasedStateMachine):
         cold=st.integers(min_value=1, max_value=2),
         domains=st.lists(st.sampled_from(DOMAINS), min_size=2, max_size=2),
         dmar=st.booleans(),
+        scalable=st.booleans(),
     )
-    def start(self, cold: int, domains: list[int], dmar: bool) -> None:
+    def start(self, cold: int, domains: list[int], dmar: bool, scalable: bool) -> None:
         names = tuple(f"{self.tag}d{i}" for i in range(cold))
         self.cold = list(names)
-        self.rig = self.run(self.factory(devices=names, ports=1))
+        self.rig = self.run(self.factory(devices=names, ports=1, scalable=scalable))
         self.stats.examples += 1
 
         async def attach() -> None:
