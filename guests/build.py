@@ -432,6 +432,7 @@ def _lock(path: Path) -> Iterator[None]:
 def build(force: bool = False) -> Path:
     final = guest_dir()
     if is_built(final) and not force:
+        touch(final)
         return final
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -459,7 +460,29 @@ def build(force: bool = False) -> Path:
             os.replace(out, final)
             final.chmod(0o700)
             (final / "stamp").write_text(f"{recipe_hash()}\n")  # last: marks a complete build
+        prune(root, keep=final)
     return final
+
+
+def prune(root: Path, keep: Path, max_age_days: float = 7.0) -> None:
+    """Remove images of other recipes unused for a week (another checkout may still want a
+    recent one); each boot refreshes its image's stamp time (see touch())."""
+    limit = time.time() - max_age_days * 86400
+    for d in root.glob("guest-*"):
+        if d == keep or not d.is_dir() or ".build-" in d.name:  # another build in progress
+            continue
+        stamp = d / "stamp"
+        used = stamp.stat().st_mtime if stamp.exists() else d.stat().st_mtime
+        if used < limit:
+            shutil.rmtree(d, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                (root / f"{d.name}.lock").unlink()
+
+
+def touch(d: Path) -> None:
+    """Mark an image as in use (prune keeps what was used recently)."""
+    with contextlib.suppress(OSError):
+        os.utime(d / "stamp")
 
 
 def main(argv: list[str]) -> int:
