@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -196,10 +197,13 @@ def run_sides(sides: list[Side], pytest_args: list[str], parallel: bool, stream:
                 print(f"gate: {side.name}: running ({side.log})", flush=True)
                 procs = [start_side(side, pytest_args, stream)]
                 codes.append(finish_side(side, procs[0], stream))
-    except BaseException:
-        # Ctrl-C reaches the pytest children too (same process group); wait so that their
-        # own teardown (QEMU killed and reaped) completes before the gate exits.
+    except BaseException as err:
+        # Ctrl-C reaches the pytest children too (same process group); SIGTERM (a cancelled CI
+        # job) is passed on. Then wait, so that their own teardown (QEMU killed and reaped)
+        # completes before the gate exits.
         for proc in procs:
+            if not isinstance(err, KeyboardInterrupt) and proc.poll() is None:
+                proc.terminate()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -249,6 +253,9 @@ def main(argv: list[str]) -> int:
     except GateError as err:
         print(f"gate: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("gate: interrupted (no verdict)", file=sys.stderr)
+        return 130
     comparison = compare(results["baseline"], results["candidate"])
     labels = {side.name: side.label for side in sides}
     artefacts = artefact_dirs(comparison, sides)
@@ -265,6 +272,11 @@ def main(argv: list[str]) -> int:
     return 1 if comparison.regressions else 0
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
     os.umask(0o077)
+    signal.signal(signal.SIGTERM, _terminated)
     raise SystemExit(main(sys.argv[1:]))
