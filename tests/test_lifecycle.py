@@ -69,8 +69,9 @@ def test_failing_case_leaves_no_qemu_and_keeps_artefacts(tmp_path: Path, qemu_bi
     assert_gone(tmp_path)
     test_dir = next((tmp_path / "artefacts").glob("run-*/*"))
     assert str(test_dir) in out, "failure report does not name the artefact directory"
-    for name in ("qemu.stderr", "qmp.log", "cmdline", "qtest.log"):
+    for name in ("qemu.stderr", "qmp.log", "cmdline", "qtest.log", "trace.log"):
         assert (test_dir / "qemu-0" / name).exists(), name
+    assert "boom" in (test_dir / "failure.txt").read_text()
     assert (test_dir.stat().st_mode & 0o777) == 0o700
 
 
