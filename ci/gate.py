@@ -189,6 +189,8 @@ def run_sides(sides: list[Side], pytest_args: list[str], parallel: bool, stream:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if parallel:
+            logs = ", ".join(str(side.log) for side in sides)
+            print(f"gate: both sides running at once ({logs})", flush=True)
             procs = [start_side(s, pytest_args, stream=False) for s in sides]
             codes = [p.wait() for p in procs]
         else:
@@ -221,18 +223,18 @@ def run_sides(sides: list[Side], pytest_args: list[str], parallel: bool, stream:
             )
 
 
-def artefact_dirs(comparison: Comparison, sides: list[Side]) -> dict[str, str]:
+def artefact_dirs(comparison: Comparison, sides: list[Side]) -> dict[str, list[Path]]:
     """Test id -> artefact directories kept for its failure, one per failing side."""
-    found: dict[str, str] = {}
+    found: dict[str, list[Path]] = {}
     for row in comparison.rows:
-        paths = []
+        paths: list[Path] = []
         for side in sides:
             if getattr(row, side.name).outcome.failing:
                 # The harness names a test's directory after its node id (fixtures/plugin.py).
                 name = re.sub(r"[^A-Za-z0-9_.-]+", "_", row.test_id)[-120:]
-                paths += [str(p) for p in sorted(side.artefacts.glob(f"run-*/{name}"))]
+                paths += sorted(side.artefacts.glob(f"run-*/{name}"))
         if paths:
-            found[row.test_id] = ", ".join(paths)
+            found[row.test_id] = paths
     return found
 
 
@@ -258,9 +260,11 @@ def main(argv: list[str]) -> int:
         return 130
     comparison = compare(results["baseline"], results["candidate"])
     labels = {side.name: side.label for side in sides}
-    artefacts = artefact_dirs(comparison, sides)
-    table = terminal_table(comparison, labels, artefacts)
-    summary = markdown_summary(comparison, labels, artefacts)
+    kept = artefact_dirs(comparison, sides)
+    table = terminal_table(comparison, labels, {k: ", ".join(map(str, v)) for k, v in kept.items()})
+    # The comment names them relative to the output directory: CI uploads that directory.
+    relative = {k: ", ".join(str(p.relative_to(out)) for p in v) for k, v in kept.items()}
+    summary = markdown_summary(comparison, labels, relative)
     (out / "summary.md").write_text(summary)
     (out / "verdict.txt").write_text(table)
     print()
