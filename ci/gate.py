@@ -127,14 +127,19 @@ VALUE_OPTIONS = {"-k", "-m", "-n", "-p", "-o", "-c", "-W", "--rootdir", "--maxfa
 VALUE_OPTIONS |= {"--durations", "--tb", "--accel", "--fuzz-examples", "--deselect", "--ignore"}
 
 
-def suite_paths(pytest_args: list[str]) -> list[str]:
-    """As ci/conformance: an explicit test path or node id replaces the default suite."""
-    after_option = False
+def with_suite_paths(pytest_args: list[str]) -> list[str]:
+    """The pytest arguments with test paths made absolute (pytest runs from the suite's top),
+    and the default suite "conformance" when none is given (as ci/conformance does)."""
+    out: list[str] = []
+    explicit = after_option = False
     for arg in pytest_args:
-        if not after_option and not arg.startswith("-") and Path(arg.split("::")[0]).exists():
-            return []
+        path = Path(arg.split("::")[0])
+        if not after_option and not arg.startswith("-") and path.exists():
+            explicit = True
+            arg = str(path.absolute()) + arg[len(str(path)) :]
+        out.append(arg)
         after_option = arg in VALUE_OPTIONS
-    return ["conformance"]
+    return out if explicit else ["conformance", *out]
 
 
 def side_command(side: Side, pytest_args: list[str]) -> list[str]:
@@ -142,8 +147,7 @@ def side_command(side: Side, pytest_args: list[str]) -> list[str]:
         sys.executable,
         "-m",
         "pytest",
-        *suite_paths(pytest_args),
-        *pytest_args,
+        *with_suite_paths(pytest_args),
         f"--qemu={side.qemu}",
         f"--junitxml={side.junit}",
         f"--artefacts={side.artefacts}",

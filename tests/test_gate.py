@@ -250,14 +250,20 @@ def test_counts_per_side() -> None:
 
 # ---- the command line ------------------------------------------------------------------------
 def test_pytest_args_go_to_both_sides_and_per_side_options_are_refused(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     options, extra = gate.parse_args(["--baseline", "/a", "-k", "vtd", "-m", "qtest", "-n", "2"])
     assert (options.baseline, options.candidate) == ("/a", "default")
     assert extra == ["-k", "vtd", "-m", "qtest", "-n", "2"]
-    assert gate.suite_paths(extra) == ["conformance"]
+    assert gate.with_suite_paths(extra) == ["conformance", *extra]
     # "conformance" exists, but as the value of -k it is an expression, not a path.
-    assert gate.suite_paths(["-k", "conformance"]) == ["conformance"]
+    assert gate.with_suite_paths(["-k", "conformance"]) == ["conformance", "-k", "conformance"]
+    # An explicit test path replaces the suite and is made absolute: pytest runs from the top.
+    monkeypatch.chdir(ROOT / "tests")
+    assert gate.with_suite_paths(["-q", "test_gate.py::test_classify"]) == [
+        "-q",
+        f"{ROOT}/tests/test_gate.py::test_classify",
+    ]
     with pytest.raises(SystemExit):
         gate.parse_args(["--qemu=/x"])
     assert "set per side by the gate" in capsys.readouterr().err
