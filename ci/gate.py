@@ -161,6 +161,7 @@ def side_command(side: Side, pytest_args: list[str]) -> list[str]:
 
 def start_side(side: Side, pytest_args: list[str], stream: bool) -> subprocess.Popen[bytes]:
     side.artefacts.mkdir(parents=True, exist_ok=True, mode=0o700)
+    side.junit.unlink(missing_ok=True)  # a reused --output must not lend an old verdict
     env = dict(os.environ, **{DEFAULT_QEMU_ENV: str(side.qemu)})
     with side.log.open("wb") as log:
         log.write(("$ " + " ".join(side_command(side, pytest_args)) + "\n").encode())
@@ -196,13 +197,13 @@ def run_sides(sides: list[Side], pytest_args: list[str], parallel: bool, stream:
             logs = ", ".join(str(side.log) for side in sides)
             print(f"gate: both sides running at once ({logs})", flush=True)
             procs = [start_side(s, pytest_args, stream=False) for s in sides]
-            codes = [p.wait() for p in procs]
+            for side, proc in zip(sides, procs, strict=True):
+                check_side(side, proc.wait())
         else:
-            codes = []
             for side in sides:
                 print(f"gate: {side.name}: running ({side.log})", flush=True)
                 procs = [start_side(side, pytest_args, stream)]
-                codes.append(finish_side(side, procs[0], stream))
+                check_side(side, finish_side(side, procs[0], stream))
     except BaseException as err:
         # Ctrl-C reaches the pytest children too (same process group); SIGTERM (a cancelled CI
         # job) is passed on. Then wait, so that their own teardown (QEMU killed and reaped)
@@ -216,15 +217,18 @@ def run_sides(sides: list[Side], pytest_args: list[str], parallel: bool, stream:
                 proc.kill()
                 proc.wait()
         raise
-    for side, code in zip(sides, codes, strict=True):
-        if code == PYTEST_NO_TESTS:
-            raise GateError(f"{side.name}: the selection matched no cases (see {side.log})")
-        if code not in PYTEST_OK or not side.junit.is_file():
-            tail = side.log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise GateError(
-                f"{side.name}: pytest exited {code} without a verdict: {' / '.join(tail)} "
-                f"(log: {side.log})"
-            )
+
+
+def check_side(side: Side, code: int) -> None:
+    """Raise GateError unless the side's pytest run gave a verdict (then the next side runs)."""
+    if code == PYTEST_NO_TESTS:
+        raise GateError(f"{side.name}: the selection matched no cases (see {side.log})")
+    if code not in PYTEST_OK or not side.junit.is_file():
+        tail = side.log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise GateError(
+            f"{side.name}: pytest exited {code} without a verdict: {' / '.join(tail)} "
+            f"(log: {side.log})"
+        )
 
 
 def artefact_dirs(comparison: Comparison, sides: list[Side]) -> dict[str, list[Path]]:
