@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fixtures.dma_event import DmaEvent, DmaOp
@@ -283,3 +283,83 @@ def test_replay_matches_a_per_page_type1_model(ops: list[tuple[DmaOp, int, int, 
     model = {a + off: (g + off, True, w) for a, b, g, w in live for off in range(0, b - a, P)}
     assert pages_of(from_events(events)) == model
     assert pages_of(host.page_map()) == model
+
+
+class LinearReplay:
+    """Reference for HostReplay: the plain list scan it replaced (same order, same answers)."""
+
+    def __init__(self) -> None:
+        self.maps: list[tuple[int, int, DmaEvent]] = []  # (iova, end, MAP event), sorted by iova
+
+    def overlapping(self, iova: int, end: int) -> list[DmaEvent]:
+        return [m[2] for m in self.maps if m[0] < end and iova < m[1]]
+
+    def judge(self, e: DmaEvent) -> tuple[int, DmaEvent | None]:
+        if e.op is ALL:
+            return 0, None
+        if e.size <= 0 or e.iova % P or e.size % P or e.end > 1 << 64:
+            return errno.EINVAL, None
+        if e.op is M:
+            if not (e.read or e.write):
+                return errno.EINVAL, None
+            clash = self.overlapping(e.iova, e.end)
+            return (errno.EEXIST, clash[0]) if clash else (0, None)
+        for m in self.maps:
+            if m[0] < e.end and e.iova < m[1] and (m[0] < e.iova or m[1] > e.end):
+                return errno.EINVAL, m[2]
+        return 0, None
+
+    def apply(self, e: DmaEvent) -> None:
+        if e.errno:
+            return
+        if e.op is ALL:
+            self.maps = []
+        elif e.op is M:
+            at = next((i for i, m in enumerate(self.maps) if m[0] >= e.iova), len(self.maps))
+            self.maps.insert(at, (e.iova, e.end, e))
+        else:
+            self.maps = [m for m in self.maps if not (e.iova <= m[0] and m[1] <= e.end)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([M, M, M, U, U, ALL]),
+            st.integers(0, 40),
+            st.integers(-1, 12),
+            st.sampled_from([None, None, 0, 0, errno.EEXIST, errno.EINVAL]),
+        ),
+        max_size=60,
+    ),
+    st.sampled_from([P, 0x800]),
+)
+@example([(M, 0, 10, None), (M, 2, 2, 0), (M, 5, 1, None), (U, 0, 4, None)], P)  # nested accept
+def test_bisected_replay_equals_a_linear_scan(
+    ops: list[tuple[DmaOp, int, int, int | None]], unit: int
+) -> None:
+    """Every judgement and every live set of the O(log n) replay equals the plain scan's, also
+    when the recorded host accepted what type1 rejects (overlapping or malformed maps) or
+    rejected what it accepts (a verdict of None is type1's own)."""
+    fast, slow = HostReplay(), LinearReplay()
+    for seq, (op, first, count, verdict) in enumerate(ops):
+        probe = ev(seq, op, first * unit, count * unit, 0, read=seq % 3 > 0, write=seq % 2 > 0)
+        got, clash = fast.judge(probe)
+        want, want_clash = slow.judge(probe)
+        assert (got, clash.event if clash else None) == (want, want_clash)
+        assert fast.overlapping(probe.iova, probe.end) == [
+            m for m in fast.live if m.iova < probe.end and probe.iova < m.end
+        ]
+        event = ev(
+            seq,
+            op,
+            probe.iova,
+            probe.size,
+            0,
+            read=probe.read,
+            write=probe.write,
+            errno=want if verdict is None else verdict,
+        )
+        fast.apply(event)
+        slow.apply(event)
+        assert [m.event for m in fast.live] == [m[2] for m in slow.maps]
