@@ -2,12 +2,13 @@
 
 Wall-clock figures on a noisy machine mean little alone, so each case time is also reported
 as a ratio to a bare QEMU start+quit measured in the same run.
-Usage: ci/bench [--runs N]
+Usage: ci/bench [--runs N] [--fuzz-examples N] [--skip-guest]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import subprocess
@@ -18,6 +19,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fixtures.guest_bench import guest_bench  # noqa: E402
+from fixtures.vtd_fuzz_bench import measure_fuzz_ops_per_s  # noqa: E402
+
 QTEST_CASE = "conformance/test_vtd_registers.py::test_te_enable_keeps_other_persistent_bits"
 
 
@@ -64,6 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--qemu", default=os.environ.get("VIOMMU_QEMU"))
+    parser.add_argument("--fuzz-examples", type=int, default=20)
+    parser.add_argument("--skip-guest", action="store_true", help="no guest-tier figures")
     opts = parser.parse_args()
     if not opts.qemu:
         raise SystemExit("bench: no QEMU (pass --qemu or run through ci/bench)")
@@ -77,6 +85,14 @@ def main() -> None:
     ]
     for name, value in figures:
         print(f"{name}: {value}", flush=True)
+    fuzz = measure_fuzz_ops_per_s(opts.qemu, examples=opts.fuzz_examples)
+    print(f"fuzz_ops_per_s: {fuzz['fuzz_ops_per_s']:.1f}", flush=True)
+    if not opts.skip_guest:
+        guest = asyncio.run(guest_bench(opts.qemu, boots=opts.runs))
+        print(f"guest_boot_s: {guest['guest_boot_s']:.2f}")
+        print(f"guest_boot_over_bare: {guest['guest_boot_s'] / bare:.1f}")
+        print(f"agent_map_unmap_per_s: {guest['agent_map_unmap_per_s']:.1f}")
+        print(f"guest_map_unmap_per_s: {guest['guest_map_unmap_per_s']:.1f}", flush=True)
 
 
 if __name__ == "__main__":
