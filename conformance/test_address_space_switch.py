@@ -95,6 +95,47 @@ async def test_translated_to_pass_through_and_back(vtd_rig: RigFactory) -> None:
         await rig.driver.flush_context(D0, 1)
 
 
+async def test_device_moved_to_another_domain_follows_its_tables(vtd_rig: RigFactory) -> None:
+    """A context now pointing at another domain (device-selective flush): the host drops the old
+    domain's mappings and gets exactly the new domain's, same-size leaves on both sides."""
+    rig = await vtd_rig(devices=("d0",))
+    await rig.translate({"d0": 1})
+    await populate(rig, did=1)
+    dom2 = rig.driver.domain(2)
+    async with rig.step("populate domain 2"):
+        await rig.driver.map(dom2, IOVA, DATA_BASE + 0x100000, 0x4000)
+    rig.driver.attach(D0, dom2)
+    async with rig.step("d0 -> domain 2"):
+        await rig.driver.flush_context(D0, 2)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QEMU 11.1.3 bug, vtd_page_walk_one (hw/i386/intel_iommu.c), reached through a "
+    "context switch: the sync walk of domain 2 finds the device's live 2 MiB DMAMap (from domain "
+    "1) under its first 4 KiB leaf and 'emulates an UNMAP' of that 4 KiB only, so the host's "
+    "DMA_UNMAP 0x100000000+0x1000 bisects the live 2 MiB mapping (type1 EINVAL) and the MAP of "
+    "the same 4 KiB overlaps it (EEXIST): the host keeps 511 pages domain 2 does not map and the "
+    "page it does map still goes to domain 1's GPA. trace: 'vtd_page_walk_one domain 0x2 iova "
+    "0x100000000 -> gpa 0x2200000 mask 0xfff perm 0' / 'vfio_iommu_map_notify iommu UNMAP @ "
+    "0x100000000 - 0x100000fff' / '... perm 3' / 'MAP @ 0x100000000 - 0x100000fff'. Found by the "
+    "stateful machine; same root cause as test_split_2m_leaf_into_4k_ptes.",
+)
+async def test_device_moved_onto_smaller_leaves_of_another_domain(vtd_rig: RigFactory) -> None:
+    """The old domain maps IOVA with a 2 MiB leaf, the new one with a 4 KiB page: the host must
+    end with the one page only, and no type1 rule broken on the way."""
+    rig = await vtd_rig(devices=("d0",), trace=["vtd_page_walk_one*", "vfio_iommu_map_notify"])
+    await rig.translate({"d0": 1})
+    dom1, dom2 = rig.driver.domain(1), rig.driver.domain(2)
+    async with rig.step("2 MiB leaf in domain 1"):
+        await rig.driver.map(dom1, IOVA, DATA_BASE, PAGE_2M, page_size=PAGE_2M)
+    async with rig.step("one 4 KiB page in domain 2 (no device there yet)"):
+        await rig.driver.map(dom2, IOVA, DATA_BASE + PAGE_2M, 0x1000)
+    rig.driver.attach(D0, dom2)
+    async with rig.step("d0 -> domain 2"):
+        await rig.driver.flush_context(D0, 2)
+
+
 async def test_detached_device_loses_every_mapping(vtd_rig: RigFactory) -> None:
     """A non-present context after the flush (vtd_address_space_sync -> vtd_address_space_unmap): d0
     empty, d1 untouched."""
