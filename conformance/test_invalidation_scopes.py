@@ -276,6 +276,29 @@ async def test_global_iotlb_with_unchanged_mappings_is_silent(vtd_rig: RigFactor
         await rig.driver.iotlb_global()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="QEMU 11.1.3: vtd_address_space_sync (hw/i386/intel_iommu.c) finds no present context "
+    "for the detached device and calls vtd_address_space_unmap on every global IOTLB "
+    "invalidation, although that device has nothing mapped: ~28 DMA_UNMAPs covering the whole "
+    "address space in power-of-two blocks (host: 'UNMAP iova 0xfef00000+0x100000', "
+    "'0xff000000+0x1000000', '0x100000000+0x100000000', ... all accepted, nothing removed). "
+    "Harmless to state, but a round trip per block per context-less device on every global "
+    "flush. Found by the stateful machine (shrunk: two devices in domain 1, detach one, global).",
+)
+async def test_global_iotlb_is_silent_for_a_detached_device(vtd_rig: RigFactory) -> None:
+    """A device whose context was cleared (and whose mappings went with it) has nothing to
+    change when the guest flushes the whole IOTLB: no traffic for it, nor for its neighbour."""
+    rig = await vtd_rig(devices=("d0", "d1"))
+    await rig.translate({"d0": 1, "d1": 1})
+    await populated(rig, 1)
+    rig.driver.detach(Bdf(0, 3))
+    async with rig.step("d0 context cleared"):
+        await rig.driver.flush_context(Bdf(0, 3), 1)
+    async with rig.noop_step("global iotlb, nothing changed"):
+        await rig.driver.iotlb_global()
+
+
 async def test_dsi_syncs_every_unflushed_change(vtd_rig: RigFactory) -> None:
     """DSI (vtd_iotlb_domain_invalidate -> vtd_address_space_sync): every pending change in the
     domain reaches the host."""

@@ -17,8 +17,9 @@ interrupt window
 (test_leaf_straddling_interrupt_window_keeps_its_translation).
 
 VIOMMU_FUZZ_KNOWN_BUGS=1 generates both split paths too (to watch the bug found and shrunk).
-`--fuzz-examples N` runs N examples (default FUZZ_EXAMPLES_CI). With VIOMMU_FUZZ_STATS=path the
-case writes {"ops", "seconds", "fuzz_ops_per_s", "examples", "steps"} there (ci/bench).
+`--fuzz-examples N` runs N random examples (default: FUZZ_EXAMPLES_CI derandomized ones).
+With VIOMMU_FUZZ_STATS=path the case writes {"ops", "seconds", "fuzz_ops_per_s", "examples",
+"steps"} there (ci/bench).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class VtdStateMachine(RuleBasedStateMachine):
         self.kind: dict[tuple[int, int], str | None] = {}
         # What each device's context entry points at (by BDF: a re-plugged device inherits it).
         self.context: dict[Bdf, int | str] = {}
+        self.dmar = False
         self.cold: list[str] = []
         self.hotplugged: list[str] = []
         self.plugs = 0
@@ -180,6 +182,7 @@ class VtdStateMachine(RuleBasedStateMachine):
                 await self.r.driver.enable_translation()
 
         self.run(self._switch("initial attach", attach()))
+        self.dmar = dmar
         for did in DOMAINS:
             self.r.driver.domain(did)
 
@@ -361,9 +364,11 @@ class VtdStateMachine(RuleBasedStateMachine):
         """Nothing changed since the last flush: IOTLB scopes must be silent."""
         start = self.r.driver.invalidations
 
+        silent = scope in NOOP_SCOPES and not (scope == "global" and self._unmaps_contextless())
+
         async def go() -> None:
             label = f"no-op {scope} d{did}"
-            step = self.r.noop_step(label) if scope in NOOP_SCOPES else self.r.step(label)
+            step = self.r.noop_step(label) if silent else self.r.step(label)
             async with step:
                 await self._flush(did, region_iova(region), PAGE_2M, scope)
 
@@ -381,6 +386,7 @@ class VtdStateMachine(RuleBasedStateMachine):
                 await self.r.driver.enable_translation()
 
         self.run(self._switch("toggle DMAR", go()))
+        self.dmar = not self.dmar
         self.stats.steps += 1
 
     @rule(data=st.data(), target_domain=st.sampled_from((*DOMAINS, "pt", "none")))
@@ -406,6 +412,16 @@ class VtdStateMachine(RuleBasedStateMachine):
 
         self.run(self._switch(f"{name} -> {target_domain}", go()))
         self.stats.steps += 1
+
+    def _unmaps_contextless(self) -> bool:
+        """With DMAR on, a global IOTLB flush makes QEMU unmap the whole address space of every
+        device without a present context, mapped or not: known, pinned by
+        test_global_iotlb_is_silent_for_a_detached_device; still checked for state and rules."""
+        if KNOWN_BUGS or not self.dmar:
+            return False
+        return any(
+            self.context.get(self.r.devices[name].bdf, "none") == "none" for name in self.attached()
+        )
 
     def _moves_onto_smaller_leaf(self, bdf: Bdf, target: int | str) -> bool:
         """A translated device moved to a domain with 4 KiB pages where its old domain has a
@@ -456,6 +472,11 @@ async def test_random_driver_sequences_keep_host_equal_to_tables(
     vtd_rig: RigFactory, request: pytest.FixtureRequest
 ) -> None:
     examples = request.config.getoption("fuzz_examples") or FUZZ_EXAMPLES_CI
+    # The CI-sized run is the same program every time, so a gate's baseline and candidate run
+    # identical sequences; --fuzz-examples or --hypothesis-seed explore at random.
+    exploring = request.config.getoption("fuzz_examples") or request.config.getoption(
+        "hypothesis_seed", None
+    )
     stats = FuzzStats()
 
     class Machine(VtdStateMachine):
@@ -470,6 +491,7 @@ async def test_random_driver_sequences_keep_host_equal_to_tables(
         deadline=None,
         database=None,
         suppress_health_check=list(HealthCheck),
+        derandomize=not exploring,
     )
     start = time.monotonic()
     try:
