@@ -18,22 +18,18 @@ import pytest
 from fixtures.dma_engine import (
     BUFFER_OFFSET,
     MAGIC,
-    REG_DIRECTION,
-    REG_DST,
     REG_ERRNO,
     REG_FAULT_IOVA,
     REG_FAULT_REASON,
     REG_IRQ_ON_DONE,
-    REG_LEN,
     REG_MAGIC,
-    REG_PATH,
     REG_SRC,
-    REG_START,
     REG_STATUS,
     DmaDirection,
     DmaPath,
     DmaStatus,
     FaultReason,
+    start_writes,
 )
 from fixtures.dma_event import DmaOp
 from fixtures.errors import QMPCommandError, QMPTimeoutError
@@ -42,7 +38,7 @@ from fixtures.machine_spec import MachineSpec
 from fixtures.pci_config import PCI_VENDOR_ID, Bdf, PciConfig
 from fixtures.pcie_hotplug import power_off_slot, power_on_slot
 from fixtures.qtest_machine import QTestMachine
-from fixtures.vfio_user_pci import BAR0_REGION, CONFIG_REGION
+from fixtures.vfio_user_pci import BAR0_REGION, CONFIG_REGION, PCI_BASE_ADDRESS_0
 from fixtures.vfio_user_server import VfioUserServer
 from fixtures.vfio_user_wire import Command, RegionAccess
 
@@ -53,7 +49,6 @@ RAM_MIB = 512
 RAM_SIZE = RAM_MIB << 20
 DEV_SLOT = Bdf(0, 3)
 BAR0_GPA = 0xC000_0000  # in q35's 32-bit PCI hole, above the 0xb0000000 MMCONFIG window
-PCI_BASE_ADDRESS_0 = 0x10
 # Legacy windows below 1 MiB where q35 may show something other than RAM (VGA/SMRAM at
 # 0xa0000, PAM-controlled ROM shadows at 0xc0000-0xfffff).
 LEGACY_START, LEGACY_END = 0xA0000, 0x100000
@@ -122,12 +117,9 @@ async def run_dma(
 ) -> int:
     """Program the engine through BAR0 as a driver would; return the final STATUS."""
     qtest = machine.qtest
-    await qtest.writeq(BAR0_GPA + REG_SRC, src)
-    await qtest.writeq(BAR0_GPA + REG_DST, dst)
-    await qtest.writel(BAR0_GPA + REG_LEN, length)
-    await qtest.writel(BAR0_GPA + REG_DIRECTION, direction)
-    await qtest.writel(BAR0_GPA + REG_PATH, path)
-    await qtest.writel(BAR0_GPA + REG_START, 1)
+    for offset, width, value in start_writes(direction, path, src=src, dst=dst, length=length):
+        write = qtest.writeq if width == 8 else qtest.writel
+        await write(BAR0_GPA + offset, value)
     deadline = time.monotonic() + timeout
     while (status := await qtest.readl(BAR0_GPA + REG_STATUS)) == DmaStatus.BUSY:
         if time.monotonic() > deadline:

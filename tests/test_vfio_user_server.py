@@ -18,18 +18,13 @@ import pytest
 
 from fixtures.dma_engine import (
     BUFFER_OFFSET,
-    REG_DIRECTION,
-    REG_DST,
     REG_FAULT_REASON,
-    REG_LEN,
-    REG_PATH,
-    REG_SRC,
-    REG_START,
     REG_STATUS,
     DmaDirection,
     DmaPath,
     DmaStatus,
     FaultReason,
+    start_writes,
 )
 from fixtures.dma_event import DmaOp
 from fixtures.vfio_user_pci import BAR0_REGION, CONFIG_REGION
@@ -128,12 +123,8 @@ class ScriptedClient:
         return int.from_bytes(RegionAccess.decode(reply[1], with_data=True).data, "little")
 
     async def dma(self, direction: DmaDirection, path: DmaPath, src: int, dst: int, n: int) -> int:
-        await self.bar_write(REG_SRC, src, 8)
-        await self.bar_write(REG_DST, dst, 8)
-        await self.bar_write(REG_LEN, n)
-        await self.bar_write(REG_DIRECTION, direction)
-        await self.bar_write(REG_PATH, path)
-        await self.bar_write(REG_START, 1)
+        for offset, width, value in start_writes(direction, path, src=src, dst=dst, length=n):
+            await self.bar_write(offset, value, width)
         for _ in range(2000):  # polling STATUS is what a driver does
             status = await self.bar_read(REG_STATUS)
             if status != DmaStatus.BUSY:
