@@ -11,9 +11,14 @@ import pytest
 
 from fixtures.dma_engine import DmaDirection, DmaStatus
 from fixtures.expected_state import from_events, from_view, identity_map
-from fixtures.guest_dma import GuestContainer, GuestVfioDevice, device_state, host_consistency
+from fixtures.guest_dma import (
+    GuestContainer,
+    GuestVfioDevice,
+    device_state,
+    host_consistency,
+    mismatch,
+)
 from fixtures.guest_machine import GUEST_MEMORY_MIB, kernel_cmdline
-from fixtures.guest_oracle import compare
 from fixtures.guest_plugin import GuestFactory
 from fixtures.vfio_user_plugin import VfioUserHostFactory
 
@@ -41,7 +46,9 @@ async def test_reboot_drops_the_old_mappings_and_maps_anew(
     # device now (its default domain), and nothing of the first boot's mappings.
     async with g.paused():
         view, host = await device_state(g, dev)
-        problems = [compare(from_view(view), host, "VT-d tables", "host record")]
+        problems = [
+            mismatch(from_view(view), host, "host record vs VT-d tables", dev.server.table.events)
+        ]
         problems += host_consistency(dev)
     assert not [p for p in problems if p], "\n\n".join(p for p in problems if p)
     stale = [r for r in host if r.iova < 0x10_4000 and r.end > 0x10_0000]
