@@ -47,8 +47,8 @@ async def test_hotplug_into_populated_domain_replays_exactly_its_mappings(
     notifier registration replays every mapping to the new device, MAPs only, nobody else."""
     rig = await vtd_rig(devices=("d0",), ports=1)
     dom = await populated(rig)
-    rig.driver.attach(HOTPLUG, dom)  # the guest programmed the slot's context beforehand
-    await rig.driver.flush_context(HOTPLUG, dom.did)
+    # The guest programmed the slot's context beforehand.
+    await rig.driver.attach_and_flush(HOTPLUG, dom)
     async with rig.replay_step("hotplug d1", "d1") as events:
         await rig.hotplug("d1")
     assert events, "the hot-plugged device received no replay"
