@@ -30,6 +30,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as `python3 guests/build.py`: ci/ is a sibling
+    sys.path.insert(0, str(HERE.parent))
+from ci.private_apt import PrivateApt, ProvisionError, cache_root  # noqa: E402
+from ci.private_apt import unpack as unpack_debs  # noqa: E402
+
 GUEST_FILES = (HERE / "init", HERE / "agent.py")
 
 # The recipe: anything that changes the image belongs here or in GUEST_FILES (both are hashed).
@@ -62,11 +67,6 @@ RECIPE_VERSION = 1
 
 class BuildError(Exception):
     """A build step failed; the message is the one line the user sees."""
-
-
-def cache_root() -> Path:
-    env = os.environ.get("VIOMMU_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "viommu-conformance"
 
 
 def recipe_hash() -> str:
@@ -118,11 +118,6 @@ def choose_apt(root: Path) -> tuple[list[str], str]:
         kernel = None
     if kernel is not None:
         return _apt_opts(), kernel
-    sys.path.insert(0, str(HERE.parent))
-    try:
-        from ci.private_apt import PrivateApt, ProvisionError
-    except ImportError as e:
-        raise BuildError(f"the host's apt has no bookworm kernel and {e}") from e
     try:
         apt = PrivateApt(root / "apt-bookworm", ["bookworm", "bookworm-updates"])
         apt.update()
@@ -162,7 +157,10 @@ def unpack(debs: dict[str, Path], into: Path) -> dict[str, Path]:
     for name, deb in debs.items():
         root = into / name
         root.mkdir(parents=True)
-        _run(["dpkg-deb", "-x", str(deb), str(root)])
+        try:
+            unpack_debs([deb], root)
+        except ProvisionError as e:
+            raise BuildError(str(e)) from e
         roots[name] = root
     return roots
 
@@ -434,8 +432,7 @@ def build(force: bool = False) -> Path:
     if is_built(final) and not force:
         touch(final)
         return final
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    root = cache_root()  # created 0700
     with _lock(root / f"{final.name}.lock"):
         if is_built(final) and not force:
             return final
