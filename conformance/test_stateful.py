@@ -175,9 +175,10 @@ class VtdStateMachine(RuleBasedStateMachine):
 
         async def attach() -> None:
             for name, did in zip(names, domains, strict=False):
-                self.r.driver.attach(self.r.devices[name].bdf, self.r.driver.domain(did))
                 self.context[self.r.devices[name].bdf] = did
-                await self.r.driver.flush_context(self.r.devices[name].bdf, did)
+                await self.r.driver.attach_and_flush(
+                    self.r.devices[name].bdf, self.r.driver.domain(did)
+                )
             if dmar:
                 await self.r.driver.enable_translation()
 
@@ -380,7 +381,7 @@ class VtdStateMachine(RuleBasedStateMachine):
     @rule()
     def toggle_dmar(self) -> None:
         async def go() -> None:
-            if await self.r.driver.translation_enabled():
+            if self.dmar:  # the driver waits for GSTS.TES on every change: no need to read it
                 await self.r.driver.disable_translation()
             else:
                 await self.r.driver.enable_translation()
@@ -407,8 +408,9 @@ class VtdStateMachine(RuleBasedStateMachine):
                 await driver.flush_context(bdf, 1)
             else:
                 did = 1 if target_domain == "pt" else int(target_domain)
-                driver.attach(bdf, driver.domain(did), pass_through=target_domain == "pt")
-                await driver.flush_context(bdf, did)
+                await driver.attach_and_flush(
+                    bdf, driver.domain(did), pass_through=target_domain == "pt"
+                )
 
         self.run(self._switch(f"{name} -> {target_domain}", go()))
         self.stats.steps += 1
@@ -443,10 +445,8 @@ class VtdStateMachine(RuleBasedStateMachine):
 
         async def go() -> None:
             label = f"hotplug {name}"
-            if await self.r.driver.translation_enabled():
-                step = self.r.replay_step(label, name)
-            else:  # vfio's listener maps RAM (and may re-split it): not a replay
-                step = self.r.switch_step(label)
+            # DMAR off: vfio's listener maps RAM (and may re-split it), not a replay.
+            step = self.r.replay_step(label, name) if self.dmar else self.r.switch_step(label)
             async with step:
                 await self.r.hotplug(name)
 
