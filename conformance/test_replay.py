@@ -115,8 +115,7 @@ async def test_replug_replays_current_state_not_stale_one(vtd_rig: RigFactory) -
     domain as it is now."""
     rig = await vtd_rig(devices=("d0",), ports=1)
     dom = await populated(rig)
-    rig.driver.attach(HOTPLUG, dom)
-    await rig.driver.flush_context(HOTPLUG, dom.did)
+    await rig.driver.attach_and_flush(HOTPLUG, dom)
     async with rig.replay_step("hotplug d1", "d1"):
         await rig.hotplug("d1")
     async with rig.step("unplug d1"):
@@ -204,8 +203,7 @@ async def test_scalable_mode_hotplug_replays_second_stage_mappings(vtd_rig: RigF
     table path (vtd_dev_to_context_entry + vtd_ce_get_pasid_entry)."""
     rig = await vtd_rig(devices=("d0",), ports=1, scalable=True)
     dom = await populated(rig)
-    rig.driver.attach(HOTPLUG, dom)
-    await rig.driver.flush_context(HOTPLUG, dom.did)
+    await rig.driver.attach_and_flush(HOTPLUG, dom)
     async with rig.replay_step("hotplug d1", "d1") as events:
         await rig.hotplug("d1")
     assert events
@@ -216,8 +214,7 @@ async def test_unplug_leaves_the_other_device_of_the_domain_alone(vtd_rig: RigFa
     host."""
     rig = await vtd_rig(devices=("d0",), ports=1)
     dom = await populated(rig)
-    rig.driver.attach(HOTPLUG, dom)
-    await rig.driver.flush_context(HOTPLUG, dom.did)
+    await rig.driver.attach_and_flush(HOTPLUG, dom)
     async with rig.replay_step("hotplug d1", "d1"):
         await rig.hotplug("d1")
     async with rig.step("unplug d1") as events:
