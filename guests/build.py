@@ -4,8 +4,9 @@ Run as `python3 guests/build.py` (stdlib only: it runs before the venv exists). 
 directory, which holds vmlinuz, initrd, client_key (OpenSSH private key for paramiko),
 host_key.pub (to pin the guest's identity), manifest.json and, written last, the stamp.
 
-Packages come from the host's own apt configuration through `apt-get download` and are unpacked
-with `dpkg-deb -x`: no root image, no mounts, no chroot. The initramfs is a gzip'd cpio (newc)
+Packages come from a private, freshly updated bookworm apt on the host's own Debian mirror
+(ci/private_apt.py) through `apt-get download` and are unpacked with `dpkg-deb -x`: no root
+image, no mounts, no chroot. The initramfs is a gzip'd cpio (newc)
 written here, so no cpio tool is needed either. Keys are generated per build, never committed.
 """
 
@@ -99,25 +100,15 @@ def _run(argv: list[str], *, cwd: Path | None = None, timeout: float = 600) -> s
     return p.stdout
 
 
-def _apt_opts() -> list[str]:
-    # As root, apt drops to _apt for downloads, which cannot write into a private cache dir.
-    return ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
-
-
 def _kernel_in(depends_output: str) -> str | None:
     m = re.search(rf"Depends: ({re.escape(KERNEL_SERIES)}\d+-cloud-amd64)\b", depends_output)
     return m.group(1) + "-unsigned" if m else None
 
 
 def choose_apt(root: Path) -> tuple[list[str], str]:
-    """(apt options, kernel package): the host's apt when it serves bookworm, else a private
-    apt configuration for bookworm on the host's own Debian mirror (ci/private_apt.py)."""
-    try:
-        kernel = _kernel_in(_run(["apt-cache", "depends", KERNEL_META]))
-    except BuildError:
-        kernel = None
-    if kernel is not None:
-        return _apt_opts(), kernel
+    """(apt options, kernel package) of a private apt for bookworm on the host's own Debian
+    mirror (ci/private_apt.py), freshly updated: the host's own package lists may be months
+    old, and the mirror keeps only current kernels."""
     try:
         apt = PrivateApt(root / "apt-bookworm", ["bookworm", "bookworm-updates"])
         apt.update()
