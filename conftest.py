@@ -1,7 +1,7 @@
 """Load the harness plugins for every test directory (conformance/ and tests/)."""
 
 pytest_plugins = (
-    "fixtures.plugin",
-    "fixtures.vfio_user_plugin",
-    "fixtures.guest_plugin",
+    "fixtures.plugins.harness",
+    "fixtures.plugins.vfio_user",
+    "fixtures.plugins.guest",
 )

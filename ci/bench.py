@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fixtures.guest_bench import guest_bench  # noqa: E402
-from fixtures.vtd_fuzz_bench import measure_fuzz_ops_per_s  # noqa: E402
+from ci.guest_bench import guest_bench  # noqa: E402
+from ci.vtd_fuzz_bench import measure_fuzz_ops_per_s  # noqa: E402
 
 QTEST_CASE = "conformance/test_vtd_registers.py::test_te_enable_keeps_other_persistent_bits"
 

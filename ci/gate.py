@@ -22,8 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gate_verdict import (
+from ci.gate_verdict import (
     SIDES,
     Comparison,
     compare,
@@ -238,7 +237,8 @@ def artefact_dirs(comparison: Comparison, sides: list[Side]) -> dict[str, list[P
         paths: list[Path] = []
         for side in sides:
             if getattr(row, side.name).outcome.failing:
-                # The harness names a test's directory after its node id (fixtures/plugin.py).
+                # The harness names a test's directory after its node id
+                # (fixtures/plugins/harness.py).
                 name = re.sub(r"[^A-Za-z0-9_.-]+", "_", row.test_id)[-120:]
                 paths += sorted(side.artefacts.glob(f"run-*/{name}"))
         if paths:

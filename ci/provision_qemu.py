@@ -5,7 +5,8 @@ newer than the host's, so the whole dependency closure is unpacked into a sysroo
 runs through that sysroot's own dynamic loader. `--release bookworm` gives 7.2 (no vfio-user,
 no qtest accelerator) for gating against a QEMU lacking features; it is never part of the
 default provisioning. Idempotent: a complete sysroot is marked by a stamp written last, and a
-cached run only checks the stamp. Usage: python3 ci/provision_qemu.py [--release bookworm]
+cached run only checks the stamp.
+Usage (from the top): python3 -m ci.provision_qemu [--release bookworm]
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from private_apt import PrivateApt, ProvisionError, cache_root, fail, unpack
+from ci.private_apt import PrivateApt, ProvisionError, cache_root, fail, unpack
 
 TRIPLET = "x86_64-linux-gnu"
 

@@ -2,7 +2,7 @@
 
 Prints the venv's python. A venv is trusted only once its stamp exists (written after pip
 succeeded), so an interrupted install is rebuilt rather than used half-made.
-Usage: python3 ci/provision_venv.py
+Usage (from the top): python3 -m ci.provision_venv
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ if sys.version_info < (3, 11):  # noqa: UP036 -- runs on the host's python3, wha
 
 import tomllib
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from private_apt import ProvisionError, cache_root, fail
+from ci.private_apt import ProvisionError, cache_root, fail
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 

@@ -1,5 +1,5 @@
 """Fixtures for the qtest VT-d families (replay, flags, invalidation scopes, address-space
-switching, stateful): `vtd_rig`, a factory of VtdRig (fixtures/vtd_rig.py).
+switching, stateful): `vtd_rig`, a factory of VtdRig (fixtures/rig/vtd_rig.py).
 
     rig = await vtd_rig(devices=("d0", "d1"), ports=1)
 
@@ -15,12 +15,11 @@ from typing import Any
 
 import pytest
 
-from fixtures.pci_config import Bdf, PciConfig
-from fixtures.plugin import REPORTS_KEY, Launcher
-from fixtures.qtest_machine import QTestMachine
-from fixtures.vfio_user_plugin import VfioUserHostFactory
-from fixtures.vtd_driver import VtdDriver
-from fixtures.vtd_rig import (
+from fixtures.plugins.harness import REPORTS_KEY, Launcher
+from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.qemu.pci_config import Bdf, PciConfig
+from fixtures.qemu.qtest_machine import QTestMachine
+from fixtures.rig.vtd_rig import (
     COLD_SLOTS,
     MEMORY_MIB,
     PORT_SLOT0,
@@ -29,6 +28,7 @@ from fixtures.vtd_rig import (
     VtdRig,
     rig_spec,
 )
+from fixtures.vtd.driver import VtdDriver
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.pci_config import Bdf
-from fixtures.vtd_page_tables import PAGE_2M
-from fixtures.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.qemu.pci_config import Bdf
+from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.vtd.page_tables import PAGE_2M
 
 pytestmark = pytest.mark.qtest
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.guest_plugin import GuestFactory
+from fixtures.plugins.guest import GuestFactory
 
 pytestmark = pytest.mark.guest
 

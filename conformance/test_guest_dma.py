@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from fixtures.dma_engine import DmaDirection, DmaPath, DmaStatus, FaultReason
-from fixtures.guest_dma import GuestContainer, GuestVfioDevice, device_state
-from fixtures.guest_machine import GUEST_IOMMU
-from fixtures.guest_plugin import GuestFactory
-from fixtures.vfio_user_plugin import VfioUserHostFactory
-from fixtures.vtd_registers import DMAR_BASE, RTADDR, RTADDR_SMT
+from fixtures.guest.machine import GUEST_IOMMU
+from fixtures.guest.vfio import GuestContainer, GuestVfioDevice, device_state
+from fixtures.plugins.guest import GuestFactory
+from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.vfio_user.dma_engine import DmaDirection, DmaPath, DmaStatus, FaultReason
+from fixtures.vtd.registers import DMAR_BASE, RTADDR, RTADDR_SMT
 
 pytestmark = pytest.mark.guest
 

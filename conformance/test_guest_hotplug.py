@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from fixtures.dma_engine import DmaDirection, DmaStatus
-from fixtures.dma_event import DmaOp
-from fixtures.expected_state import from_events
-from fixtures.guest_dma import GuestContainer, GuestVfioDevice
-from fixtures.guest_machine import GUEST_IOMMU, Guest
-from fixtures.guest_plugin import GuestFactory
-from fixtures.vfio_user_plugin import VfioUserHostFactory
+from fixtures.guest.machine import GUEST_IOMMU, Guest
+from fixtures.guest.vfio import GuestContainer, GuestVfioDevice
+from fixtures.oracle.dma_event import DmaOp
+from fixtures.oracle.expected_state import from_events
+from fixtures.plugins.guest import GuestFactory
+from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.vfio_user.dma_engine import DmaDirection, DmaStatus
 
 pytestmark = pytest.mark.guest
 

@@ -17,11 +17,11 @@ import errno
 
 import pytest
 
-from fixtures.guest_dma import GuestContainer, GuestVfioDevice
-from fixtures.guest_machine import kernel_cmdline
-from fixtures.guest_plugin import GuestFactory
-from fixtures.guest_session import AgentCallError
-from fixtures.vfio_user_plugin import VfioUserHostFactory
+from fixtures.guest.machine import kernel_cmdline
+from fixtures.guest.session import AgentCallError
+from fixtures.guest.vfio import GuestContainer, GuestVfioDevice
+from fixtures.plugins.guest import GuestFactory
+from fixtures.plugins.vfio_user import VfioUserHostFactory
 
 pytestmark = pytest.mark.guest
 

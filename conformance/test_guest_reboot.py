@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.dma_engine import DmaDirection, DmaStatus
-from fixtures.expected_state import from_events, from_view, identity_map
-from fixtures.guest_dma import (
+from fixtures.guest.machine import GUEST_MEMORY_MIB, kernel_cmdline
+from fixtures.guest.vfio import (
     GuestContainer,
     GuestVfioDevice,
     device_state,
     host_consistency,
     mismatch,
 )
-from fixtures.guest_machine import GUEST_MEMORY_MIB, kernel_cmdline
-from fixtures.guest_plugin import GuestFactory
-from fixtures.vfio_user_plugin import VfioUserHostFactory
+from fixtures.oracle.expected_state import from_events, from_view, identity_map
+from fixtures.plugins.guest import GuestFactory
+from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.vfio_user.dma_engine import DmaDirection, DmaStatus
 
 pytestmark = pytest.mark.guest
 

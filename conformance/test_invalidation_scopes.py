@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from fixtures.pci_config import Bdf
-from fixtures.vtd_driver import VtdDriverError
-from fixtures.vtd_invalidation import IotlbGranularity, iotlb
-from fixtures.vtd_page_tables import PAGE_1G, PAGE_2M, PAGE_4K
-from fixtures.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.qemu.pci_config import Bdf
+from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.vtd.driver import VtdDriverError
+from fixtures.vtd.invalidation import IotlbGranularity, iotlb
+from fixtures.vtd.page_tables import PAGE_1G, PAGE_2M, PAGE_4K
 
 pytestmark = pytest.mark.qtest
 

@@ -14,11 +14,11 @@ import asyncio
 
 import pytest
 
-from fixtures.dma_event import DmaOp
-from fixtures.errors import QTestError
-from fixtures.pci_config import Bdf
-from fixtures.vtd_page_tables import PAGE_4K
-from fixtures.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.oracle.dma_event import DmaOp
+from fixtures.qemu.errors import QTestError
+from fixtures.qemu.pci_config import Bdf
+from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.vtd.page_tables import PAGE_4K
 
 pytestmark = pytest.mark.qtest
 

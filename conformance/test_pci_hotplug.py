@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from fixtures.errors import QMPTimeoutError
-from fixtures.machine_spec import MachineSpec
-from fixtures.pci_config import PCI_VENDOR_ID, Bdf, PciConfig
-from fixtures.pcie_hotplug import power_off_slot, power_on_slot, slot_occupied
-from fixtures.qtest_machine import QTestMachine
+from fixtures.qemu.errors import QMPTimeoutError
+from fixtures.qemu.pci_config import PCI_VENDOR_ID, Bdf, PciConfig
+from fixtures.qemu.pcie_hotplug import power_off_slot, power_on_slot, slot_occupied
+from fixtures.qemu.qtest_machine import QTestMachine
+from fixtures.qemu.spec import MachineSpec
 
 pytestmark = pytest.mark.qtest
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.pci_config import Bdf
-from fixtures.vtd_driver import Domain
-from fixtures.vtd_page_tables import PAGE_1G, PAGE_2M, PAGE_4K
-from fixtures.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.qemu.pci_config import Bdf
+from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.vtd.driver import Domain
+from fixtures.vtd.page_tables import PAGE_1G, PAGE_2M, PAGE_4K
 
 pytestmark = pytest.mark.qtest
 

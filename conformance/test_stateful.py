@@ -44,9 +44,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from fixtures.pci_config import Bdf
-from fixtures.vtd_page_tables import PAGE_2M, PAGE_4K
-from fixtures.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.qemu.pci_config import Bdf
+from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.vtd.page_tables import PAGE_2M, PAGE_4K
 
 pytestmark = pytest.mark.qtest
 

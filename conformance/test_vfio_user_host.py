@@ -1,7 +1,7 @@
 """QEMU's vfio-user client against our host: realize, hotplug, the host view of guest RAM,
 device DMA, and how QEMU reacts when the host misbehaves (qtest tier, no guest OS).
 
-The host side is our own vfio-user server (fixtures/vfio_user_server.py): what QEMU sends
+The host side is our own vfio-user server (fixtures/vfio_user/server.py): what QEMU sends
 over the socket is the host mapping state. Expectations come from the machine's layout
 (RAM size, the q35 legacy windows) and the protocol, not from an earlier run's output.
 """
@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from fixtures.dma_engine import (
+from fixtures.oracle.dma_event import DmaOp
+from fixtures.qemu.errors import QMPCommandError, QMPTimeoutError
+from fixtures.qemu.pci_config import PCI_VENDOR_ID, Bdf, PciConfig
+from fixtures.qemu.pcie_hotplug import power_off_slot, power_on_slot
+from fixtures.qemu.qtest_machine import QTestMachine
+from fixtures.qemu.spec import MachineSpec
+from fixtures.vfio_user.dma_engine import (
     BUFFER_OFFSET,
     MAGIC,
     REG_ERRNO,
@@ -31,16 +37,10 @@ from fixtures.dma_engine import (
     FaultReason,
     start_writes,
 )
-from fixtures.dma_event import DmaOp
-from fixtures.errors import QMPCommandError, QMPTimeoutError
-from fixtures.host_mapping_table import HostMappingTable
-from fixtures.machine_spec import MachineSpec
-from fixtures.pci_config import PCI_VENDOR_ID, Bdf, PciConfig
-from fixtures.pcie_hotplug import power_off_slot, power_on_slot
-from fixtures.qtest_machine import QTestMachine
-from fixtures.vfio_user_pci import BAR0_REGION, CONFIG_REGION, PCI_BASE_ADDRESS_0
-from fixtures.vfio_user_server import VfioUserServer
-from fixtures.vfio_user_wire import Command, RegionAccess
+from fixtures.vfio_user.host_mapping_table import HostMappingTable
+from fixtures.vfio_user.pci import BAR0_REGION, CONFIG_REGION, PCI_BASE_ADDRESS_0
+from fixtures.vfio_user.server import VfioUserServer
+from fixtures.vfio_user.wire import Command, RegionAccess
 
 pytestmark = pytest.mark.qtest
 

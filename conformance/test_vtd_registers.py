@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from fixtures.machine_spec import MachineSpec
-from fixtures.qtest_machine import QTestMachine
-from fixtures.vtd_registers import (
+from fixtures.qemu.qtest_machine import QTestMachine
+from fixtures.qemu.spec import MachineSpec
+from fixtures.vtd.registers import (
     CAP,
     DMAR_BASE,
     ECAP,

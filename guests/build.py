@@ -1,7 +1,7 @@
 """Build the test guest (kernel + initramfs) from Debian bookworm packages, cached by recipe.
 
-Run as `python3 guests/build.py` (stdlib only: it runs before the venv exists). Prints the guest
-directory, which holds vmlinuz, initrd, client_key (OpenSSH private key for paramiko),
+Run as `python3 -m guests.build` from the top (stdlib only: it runs before the venv exists).
+Prints the guest directory, which holds vmlinuz, initrd, client_key (OpenSSH private key for paramiko),
 host_key.pub (to pin the guest's identity), manifest.json and, written last, the stamp.
 
 Packages come from a private, freshly updated bookworm apt on the host's own Debian mirror
@@ -30,11 +30,10 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ci.private_apt import PrivateApt, ProvisionError, cache_root
+from ci.private_apt import unpack as unpack_debs
+
 HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # run as `python3 guests/build.py`: ci/ is a sibling
-    sys.path.insert(0, str(HERE.parent))
-from ci.private_apt import PrivateApt, ProvisionError, cache_root  # noqa: E402
-from ci.private_apt import unpack as unpack_debs  # noqa: E402
 
 GUEST_FILES = (HERE / "init", HERE / "agent.py")
 

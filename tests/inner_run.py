@@ -29,7 +29,7 @@ def start_pytest(case: Path, *args: str) -> subprocess.Popen[str]:
             "-m",
             "pytest",
             "-p",
-            "fixtures.plugin",
+            "fixtures.plugins.harness",
             "-p",
             "no:cacheprovider",
             "-o",

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.accelerator import choose_accelerator, hardware_kvm_available
-from fixtures.capabilities import Capabilities
+from fixtures.qemu.accelerator import choose_accelerator, hardware_kvm_available
+from fixtures.qemu.capabilities import Capabilities
 from tests.inner_run import run_pytest, write_case
 
 USES_QEMU = """
-    from fixtures.machine_spec import MachineSpec
+    from fixtures.qemu.spec import MachineSpec
 
     async def test_case(launch):
         await launch(MachineSpec(accel="qtest"))
@@ -92,8 +92,8 @@ def test_auto_accel_needs_hardware_kvm_module(tmp_path: Path) -> None:
 
 QMP_ERROR = """
     import pytest
-    from fixtures.errors import QMPCommandError
-    from fixtures.machine_spec import MachineSpec
+    from fixtures.qemu.errors import QMPCommandError
+    from fixtures.qemu.spec import MachineSpec
 
     async def test_case(launch):
         m = await launch(MachineSpec(accel="qtest"))

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fixtures.dma_event import DmaEvent, DmaOp
-from fixtures.expected_state import (
+from fixtures.oracle.dma_event import DmaEvent, DmaOp
+from fixtures.oracle.expected_state import (
     HostReplay,
     MapIntent,
     PageMap,
@@ -20,9 +20,9 @@ from fixtures.expected_state import (
     from_view,
     identity_map,
 )
-from fixtures.vtd_image import LegacyTables, SecondLevelTables, TableImage
-from fixtures.vtd_structures import TranslationType
-from fixtures.vtd_walk import DeviceMode, DeviceView, Translation
+from fixtures.oracle.structures import TranslationType
+from fixtures.oracle.walk import DeviceMode, DeviceView, Translation
+from tests.vtd_image import LegacyTables, SecondLevelTables, TableImage
 
 P = 0x1000
 

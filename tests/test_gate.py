@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "ci"))
-import gate  # noqa: E402
-from gate_verdict import (  # noqa: E402
+from ci import gate
+from ci.gate_verdict import (
     CaseResult,
     Outcome,
     Verdict,
@@ -31,6 +29,7 @@ from gate_verdict import (  # noqa: E402
     terminal_table,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"baseline": "QEMU A", "candidate": "QEMU B"}
 
 
@@ -287,10 +286,11 @@ def test_gating_a_qemu_against_itself_reports_no_change(
     out = tmp_path / "gate"
     proc = subprocess.run(
         [
-            *(sys.executable, ROOT / "ci" / "gate.py", "--candidate", qemu, "--output", out),
+            *(sys.executable, "-m", "ci.gate", "--candidate", qemu, "--output", out),
             *("-k", "test_cap_caching_mode_follows_property"),
         ],
         env=dict(os.environ, VIOMMU_QEMU=str(qemu)),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,

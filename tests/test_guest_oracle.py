@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.expected_state import MapIntent, PageMap, Run, from_intent
-from fixtures.guest_dma import bus_devfn, mismatch
-from fixtures.guest_oracle import Intent
+from fixtures.guest.vfio import bus_devfn, mismatch
+from fixtures.oracle.expected_state import MapIntent, PageMap, Run, from_intent
+from fixtures.oracle.intent import Intent
 
 
 def test_intent_maps_each_page_to_its_buffer_gpa() -> None:

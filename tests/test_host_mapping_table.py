@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.dma_event import DmaOp
-from fixtures.host_mapping_table import DmaFault, HostMappingTable
+from fixtures.oracle.dma_event import DmaOp
+from fixtures.vfio_user.host_mapping_table import DmaFault, HostMappingTable
 
 K = 4096
 

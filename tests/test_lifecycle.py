@@ -15,7 +15,7 @@ from tests.inner_run import alive, run_pytest, start_pytest, write_case
 LAUNCH_AND_RECORD = """
     import os, asyncio
     from pathlib import Path
-    from fixtures.machine_spec import MachineSpec
+    from fixtures.qemu.spec import MachineSpec
 
     async def launched(launch):
         m = await launch(MachineSpec(accel="qtest"))

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fixtures.dma_event import DmaEvent, DmaOp
-from fixtures.expected_state import HostReplay
-from fixtures.notifier_rules import (
+from fixtures.oracle.dma_event import DmaEvent, DmaOp
+from fixtures.oracle.expected_state import HostReplay
+from fixtures.oracle.notifier_rules import (
     RULES,
     NotifierFlag,
     address_space_switch,

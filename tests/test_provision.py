@@ -17,7 +17,8 @@ def provision_qemu(
     if path_prefix is not None:
         env["PATH"] = f"{path_prefix}:{env['PATH']}"
     return subprocess.run(
-        [sys.executable, str(ROOT / "ci/provision_qemu.py")],
+        [sys.executable, "-m", "ci.provision_qemu"],
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,

@@ -9,12 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.dma_event import DmaEvent, DmaOp
-from fixtures.expected_state import MapIntent, PageMap, Run, from_events, from_intent, from_view
-from fixtures.notifier_rules import in_place_change, noop_invalidation
-from fixtures.verdict import MAX_ROWS, assert_host_matches, compare, diff
-from fixtures.vtd_image import LegacyTables, SecondLevelTables, TableImage
-from fixtures.vtd_walk import walk_device
+from fixtures.oracle.dma_event import DmaEvent, DmaOp
+from fixtures.oracle.expected_state import (
+    MapIntent,
+    PageMap,
+    Run,
+    from_events,
+    from_intent,
+    from_view,
+)
+from fixtures.oracle.notifier_rules import in_place_change, noop_invalidation
+from fixtures.oracle.verdict import MAX_ROWS, assert_host_matches, compare, diff
+from fixtures.oracle.walk import walk_device
+from tests.vtd_image import LegacyTables, SecondLevelTables, TableImage
 
 P = 0x1000
 M, U = DmaOp.MAP, DmaOp.UNMAP

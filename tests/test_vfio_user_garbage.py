@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.vfio_user_server import VfioUserServer
-from fixtures.vfio_user_wire import (
+from fixtures.vfio_user.server import VfioUserServer
+from fixtures.vfio_user.wire import (
     FLAG_NO_REPLY,
     FLAG_TYPE_REPLY,
     HEADER_SIZE,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.dma_engine import (
+from fixtures.oracle.dma_event import DmaOp
+from fixtures.vfio_user.dma_engine import (
     BUFFER_OFFSET,
     REG_FAULT_REASON,
     REG_STATUS,
@@ -26,10 +27,9 @@ from fixtures.dma_engine import (
     FaultReason,
     start_writes,
 )
-from fixtures.dma_event import DmaOp
-from fixtures.vfio_user_pci import BAR0_REGION, CONFIG_REGION
-from fixtures.vfio_user_server import VfioUserServer
-from fixtures.vfio_user_wire import (
+from fixtures.vfio_user.pci import BAR0_REGION, CONFIG_REGION
+from fixtures.vfio_user.server import VfioUserServer
+from fixtures.vfio_user.wire import (
     DMA_MAP_FLAG_READ,
     DMA_MAP_FLAG_WRITE,
     DMA_UNMAP_FLAG_ALL,

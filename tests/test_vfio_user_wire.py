@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures.vfio_user_errors import VfioUserProtocolError
-from fixtures.vfio_user_wire import (
+from fixtures.vfio_user.errors import VfioUserProtocolError
+from fixtures.vfio_user.wire import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
     FLAG_TYPE_REPLY,

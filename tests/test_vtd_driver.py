@@ -1,5 +1,5 @@
 """Self-tests of the driver's pure parts: what it writes into memory is read back by the
-oracle's independent walker (fixtures/vtd_walk.py) as intended, descriptors carry their fields
+oracle's independent walker (fixtures/oracle/walk.py) as intended, descriptors carry their fields
 at the spec's bit positions, and PSI blocks cover ranges exactly. No QEMU needed."""
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ import itertools
 
 import pytest
 
-from fixtures.vtd_context_tables import (
+from fixtures.oracle.walk import DeviceMode, DeviceView, walk_device
+from fixtures.vtd.context_tables import (
     ContextType,
     LegacyContextTables,
     PasidGranularTranslation,
     ScalableContextTables,
 )
-from fixtures.vtd_driver import psi_blocks
-from fixtures.vtd_invalidation import (
+from fixtures.vtd.driver import psi_blocks
+from fixtures.vtd.invalidation import (
     CcGranularity,
     IotlbGranularity,
     PiotlbGranularity,
@@ -25,8 +26,7 @@ from fixtures.vtd_invalidation import (
     pasid_iotlb,
     wait,
 )
-from fixtures.vtd_page_tables import PAGE_2M, PAGE_4K, SecondLevelTables, TablePageAllocator
-from fixtures.vtd_walk import DeviceMode, DeviceView, walk_device
+from fixtures.vtd.page_tables import PAGE_2M, PAGE_4K, SecondLevelTables, TablePageAllocator
 
 RAM = 32 << 20
 

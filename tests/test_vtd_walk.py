@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.vtd_image import LegacyTables, ScalableTables, SecondLevelTables, TableImage
-from fixtures.vtd_structures import (
+from fixtures.oracle.structures import (
     ContextEntry,
     FirstLevelPte,
     PasidEntry,
@@ -19,7 +18,8 @@ from fixtures.vtd_structures import (
     SecondLevelPte,
     TranslationType,
 )
-from fixtures.vtd_walk import DeviceMode, Fault, Translation, iter_pages, walk_device
+from fixtures.oracle.walk import DeviceMode, Fault, Translation, iter_pages, walk_device
+from tests.vtd_image import LegacyTables, ScalableTables, SecondLevelTables, TableImage
 
 KIB4, MIB2, GIB1, GIB512 = 1 << 12, 1 << 21, 1 << 30, 1 << 39
 

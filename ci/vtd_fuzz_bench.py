@@ -1,0 +1,67 @@
+"""fuzz_ops_per_s for ci/bench: verified invalidation operations per second of the stateful
+machine (conformance/test_stateful.py), measured by one pytest run of that case.
+
+    from ci.vtd_fuzz_bench import measure_fuzz_ops_per_s
+    record = measure_fuzz_ops_per_s(qemu, examples=20)
+    print(f"fuzz_ops_per_s: {record['fuzz_ops_per_s']}")
+
+`record` is {"ops", "steps", "examples", "seconds", "fuzz_ops_per_s"}: ops are invalidation
+descriptors whose step passed the host-vs-oracle check; seconds is the machine's whole run,
+QEMU start-up per example included (what a user waits for).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CASE = "conformance/test_stateful.py::test_random_driver_sequences_keep_host_equal_to_tables"
+TIMEOUT_S = 900
+
+
+class FuzzBenchError(Exception):
+    pass
+
+
+def measure_fuzz_ops_per_s(
+    qemu: str,
+    *,
+    examples: int = 20,
+    python: str = sys.executable,
+    repo: Path | None = None,
+    timeout: float = TIMEOUT_S,
+) -> dict[str, float]:
+    root = repo or Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="fuzz-bench-") as tmp:
+        stats = Path(tmp) / "stats.json"
+        env = dict(os.environ, VIOMMU_FUZZ_STATS=str(stats))
+        cmd = [
+            python,
+            "-m",
+            "pytest",
+            CASE,
+            "-q",
+            f"--qemu={qemu}",
+            f"--fuzz-examples={examples}",
+            "--hypothesis-seed=1",  # the same programs every run: figures compare across runs
+            f"--artefacts={tmp}/artefacts",
+        ]
+        try:
+            done = subprocess.run(
+                cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as err:
+            raise FuzzBenchError(f"stateful machine ran over {timeout:.0f} s") from err
+        if done.returncode != 0 or not stats.exists():
+            tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+            raise FuzzBenchError("stateful machine failed:\n" + "\n".join(tail))
+        return json.loads(stats.read_text())
+
+
+if __name__ == "__main__":
+    result = measure_fuzz_ops_per_s(sys.argv[1], examples=int(sys.argv[2]) if sys.argv[2:] else 20)
+    print(f"fuzz_ops_per_s: {result['fuzz_ops_per_s']} {json.dumps(result)}")
