@@ -1,8 +1,8 @@
 """Build the test guest (kernel + initramfs) from Debian bookworm packages, cached by recipe.
 
 Run as `python3 -m guests.build` from the top (stdlib only: it runs before the venv exists).
-Prints the guest directory, which holds vmlinuz, initrd, client_key (OpenSSH private key for paramiko),
-host_key.pub (to pin the guest's identity), manifest.json and, written last, the stamp.
+Prints the guest directory, which holds vmlinuz, initrd, client_key (OpenSSH private key for
+paramiko), host_key.pub (to pin the guest's identity), manifest.json and, written last, the stamp.
 
 Packages come from a private, freshly updated bookworm apt on the host's own Debian mirror
 (ci/private_apt.py) through `apt-get download` and are unpacked with `dpkg-deb -x`: no root
