@@ -4,4 +4,5 @@ pytest_plugins = (
     "fixtures.plugins.harness",
     "fixtures.plugins.vfio_user",
     "fixtures.plugins.guest",
+    "fixtures.plugins.rig",
 )

@@ -9,22 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.qemu.pci_config import Bdf
-from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.rig.vtd_rig import D0, DATA_BASE, IOVA, RigFactory
 from fixtures.vtd.page_tables import PAGE_2M
 
 pytestmark = pytest.mark.qtest
-
-D0 = Bdf(0, 3)
-D1 = Bdf(0, 4)
-IOVA = 0x1_0000_0000
-
-
-async def populate(rig: VtdRig, did: int = 1) -> None:
-    dom = rig.driver.domain(did)
-    async with rig.step(f"populate domain {did}"):
-        await rig.driver.map(dom, IOVA, DATA_BASE, 0x8000)
-        await rig.driver.map(dom, IOVA + PAGE_2M, DATA_BASE + PAGE_2M, PAGE_2M, page_size=PAGE_2M)
 
 
 async def test_dmar_on_with_no_context_blocks_everything(vtd_rig: RigFactory) -> None:
@@ -41,7 +29,7 @@ async def test_dmar_off_returns_device_to_identity(vtd_rig: RigFactory) -> None:
     again."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
-    await populate(rig)
+    await rig.populate()
     async with rig.switch_step("disable DMAR"):
         await rig.driver.disable_translation()
 
@@ -51,7 +39,7 @@ async def test_dmar_toggle_cycles(vtd_rig: RigFactory) -> None:
     cycles."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
-    await populate(rig, 1)
+    await rig.populate(1)
     for n in range(3):
         async with rig.switch_step(f"disable DMAR #{n}"):
             await rig.driver.disable_translation()
@@ -63,7 +51,7 @@ async def test_changes_made_while_dmar_off_show_when_it_comes_back(vtd_rig: RigF
     """Replay at TE on walks the tables as they are now, not as they were when DMAR went off."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
-    await populate(rig)
+    await rig.populate()
     async with rig.switch_step("disable DMAR"):
         await rig.driver.disable_translation()
     dom = rig.driver.domain(1)
@@ -85,7 +73,7 @@ async def test_translated_to_pass_through_and_back(vtd_rig: RigFactory) -> None:
     """Context TT translated <-> pass-through with a device-selective flush switches d0 only."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 1})
-    await populate(rig)
+    await rig.populate()
     dom = rig.driver.domain(1)
     rig.driver.attach(D0, dom, pass_through=True)
     async with rig.switch_step("d0 -> pass-through"):
@@ -100,7 +88,7 @@ async def test_device_moved_to_another_domain_follows_its_tables(vtd_rig: RigFac
     domain's mappings and gets exactly the new domain's, same-size leaves on both sides."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
-    await populate(rig, did=1)
+    await rig.populate(1)
     dom2 = rig.driver.domain(2)
     async with rig.step("populate domain 2"):
         await rig.driver.map(dom2, IOVA, DATA_BASE + 0x100000, 0x4000)
@@ -141,7 +129,7 @@ async def test_detached_device_loses_every_mapping(vtd_rig: RigFactory) -> None:
     empty, d1 untouched."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 1})
-    await populate(rig)
+    await rig.populate()
     rig.driver.detach(D0)
     async with rig.step("d0 context cleared"):
         await rig.driver.flush_context(D0, 1)
@@ -152,7 +140,7 @@ async def test_system_reset_returns_device_to_identity(vtd_rig: RigFactory) -> N
     off, so the host must hold the identity map again."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
-    await populate(rig)
+    await rig.populate()
     async with rig.switch_step("system_reset"):
         await rig.machine.qmp("system_reset")
         await rig.machine.wait_event("RESET")
@@ -163,7 +151,7 @@ async def test_driver_reinitialised_after_reset_sees_its_domain_again(vtd_rig: R
     """After reset a driver that sets SRTP/QIE/TE again gets its domain's mappings replayed."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
-    await populate(rig)
+    await rig.populate()
     async with rig.switch_step("system_reset"):
         await rig.machine.qmp("system_reset")
         await rig.machine.wait_event("RESET")
@@ -185,7 +173,7 @@ async def test_scalable_mode_second_stage_to_pass_through_and_back(vtd_rig: RigF
     context flushes a driver sends."""
     rig = await vtd_rig(devices=("d0",), scalable=True)
     await rig.translate({"d0": 1})
-    await populate(rig)
+    await rig.populate()
     dom = rig.driver.domain(1)
     rig.driver.attach(D0, dom, pass_through=True)
     async with rig.switch_step("PGTT -> pass-through"):
@@ -199,6 +187,6 @@ async def test_scalable_mode_dmar_off_returns_to_identity(vtd_rig: RigFactory) -
     """Scalable mode TE off: back to identity, as in legacy mode."""
     rig = await vtd_rig(devices=("d0",), scalable=True)
     await rig.translate({"d0": 1})
-    await populate(rig)
+    await rig.populate()
     async with rig.switch_step("disable DMAR"):
         await rig.driver.disable_translation()

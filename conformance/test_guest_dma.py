@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 from fixtures.guest.machine import GUEST_IOMMU
-from fixtures.guest.vfio import GuestContainer, GuestVfioDevice, device_state
+from fixtures.guest.vfio import GuestVfioDevice
 from fixtures.plugins.guest import GuestFactory
 from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.rig.guest_rig import CheckedContainer, device_state
 from fixtures.vfio_user.dma_engine import DmaDirection, DmaPath, DmaStatus, FaultReason
 from fixtures.vtd.registers import DMAR_BASE, RTADDR, RTADDR_SMT
 
@@ -43,7 +44,7 @@ async def test_type1_maps_reach_host_as_guest_intended(
     g = await guest(devices=[srv.device_json(addr="0x3")], iommu=iommu)
     rtaddr = await g.read_phys_u64(DMAR_BASE + RTADDR)
     assert bool(rtaddr & RTADDR_SMT) == bool(iommu.get("scalable-mode")), f"RTADDR {rtaddr:#x}"
-    c = GuestContainer(g)
+    c = CheckedContainer(g)
     await c.add(GuestVfioDevice(srv, DEV_A_BDF))
     await c.alloc("small", 8 * 4096)
     await c.alloc("huge", HUGE, hugepage=True)
@@ -76,7 +77,7 @@ async def test_device_dma_both_directions_then_faults_after_unmap(
     unmaps, the device's DMA faults on the host side and the guest buffer stays untouched."""
     srv = await vfio_user_host("devA")
     g = await guest(devices=[srv.device_json(addr="0x3")])
-    c = GuestContainer(g)
+    c = CheckedContainer(g)
     dev = GuestVfioDevice(srv, DEV_A_BDF)
     await c.add(dev)
     await c.alloc("buf", 4 * 4096)
@@ -134,7 +135,7 @@ async def test_read_only_mapping_faults_device_writes(
     device writes fault with a permission error and do not modify the buffer."""
     srv = await vfio_user_host("devA")
     g = await guest(devices=[srv.device_json(addr="0x3")])
-    c = GuestContainer(g)
+    c = CheckedContainer(g)
     dev = GuestVfioDevice(srv, DEV_A_BDF)
     await c.add(dev)
     await c.alloc("ro", 4096)
@@ -159,7 +160,7 @@ async def test_two_containers_keep_their_domains_apart(
     a = await vfio_user_host("devA")
     b = await vfio_user_host("devB")
     g = await guest(devices=[a.device_json(addr="0x3"), b.device_json(addr="0x4")])
-    ca, cb = GuestContainer(g, "ca"), GuestContainer(g, "cb")
+    ca, cb = CheckedContainer(g, "ca"), CheckedContainer(g, "cb")
     dev_a, dev_b = GuestVfioDevice(a, DEV_A_BDF), GuestVfioDevice(b, "0000:00:04.0")
     await ca.add(dev_a)
     await cb.add(dev_b)

@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from fixtures.guest.machine import GUEST_IOMMU, Guest
-from fixtures.guest.vfio import GuestContainer, GuestVfioDevice
+from fixtures.guest.vfio import GuestVfioDevice
 from fixtures.oracle.dma_event import DmaOp
 from fixtures.oracle.expected_state import from_events
 from fixtures.plugins.guest import GuestFactory
 from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.rig.guest_rig import CheckedContainer
 from fixtures.vfio_user.dma_engine import DmaDirection, DmaStatus
 
 pytestmark = pytest.mark.guest
@@ -53,7 +54,7 @@ async def test_hotplugged_device_gets_exactly_the_live_mappings(
     a = await vfio_user_host("devA")
     b = await vfio_user_host("devB")
     g = await guest(devices=[a.device_json(addr="0x3"), ROOT_PORT], iommu=iommu)
-    c = GuestContainer(g)
+    c = CheckedContainer(g)
     await c.add(GuestVfioDevice(a, "0000:00:03.0"))
     await c.alloc("buf", 8 * 4096)
     await c.map("buf", 0x10_0000, size=4 * 4096)
@@ -91,7 +92,7 @@ async def test_cooperative_hot_unplug_leaves_no_host_mappings(
 ) -> None:
     b = await vfio_user_host("devB")
     g = await guest(devices=[ROOT_PORT, b.device_json(bus="rp1")])
-    c = GuestContainer(g)
+    c = CheckedContainer(g)
     await c.add(GuestVfioDevice(b, BEHIND_ROOT_PORT))
     await c.alloc("buf", 4 * 4096)
     await c.map("buf", 0x10_0000)

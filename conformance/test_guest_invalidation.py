@@ -19,9 +19,10 @@ import pytest
 
 from fixtures.guest.machine import kernel_cmdline
 from fixtures.guest.session import AgentCallError
-from fixtures.guest.vfio import GuestContainer, GuestVfioDevice
+from fixtures.guest.vfio import GuestVfioDevice
 from fixtures.plugins.guest import GuestFactory
 from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.rig.guest_rig import CheckedContainer
 
 pytestmark = pytest.mark.guest
 
@@ -31,10 +32,10 @@ MODES = [pytest.param(True, id="strict"), pytest.param(False, id="lazy")]
 
 async def _container(
     guest: GuestFactory, vfio_user_host: VfioUserHostFactory, strict: bool
-) -> GuestContainer:
+) -> CheckedContainer:
     srv = await vfio_user_host("devA")
     g = await guest(devices=[srv.device_json(addr="0x3")], append=kernel_cmdline(strict=strict))
-    c = GuestContainer(g)
+    c = CheckedContainer(g)
     await c.add(GuestVfioDevice(srv, DEV_A_BDF))
     return c
 

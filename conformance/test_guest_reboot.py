@@ -10,16 +10,11 @@ from __future__ import annotations
 import pytest
 
 from fixtures.guest.machine import GUEST_MEMORY_MIB, kernel_cmdline
-from fixtures.guest.vfio import (
-    GuestContainer,
-    GuestVfioDevice,
-    device_state,
-    host_consistency,
-    mismatch,
-)
-from fixtures.oracle.expected_state import from_events, from_view, identity_map
+from fixtures.guest.vfio import GuestVfioDevice
+from fixtures.oracle.expected_state import from_events, identity_map
 from fixtures.plugins.guest import GuestFactory
 from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.rig.guest_rig import CheckedContainer, host_vs_tables
 from fixtures.vfio_user.dma_engine import DmaDirection, DmaStatus
 
 pytestmark = pytest.mark.guest
@@ -34,7 +29,7 @@ async def test_reboot_drops_the_old_mappings_and_maps_anew(
     srv = await vfio_user_host("devA")
     g = await guest(devices=[srv.device_json(addr="0x3")])
     dev = GuestVfioDevice(srv, DEV_A_BDF)
-    c = GuestContainer(g)
+    c = CheckedContainer(g)
     await c.add(dev)
     await c.alloc("buf", 4 * 4096)
     await c.map("buf", 0x10_0000)
@@ -44,17 +39,12 @@ async def test_reboot_drops_the_old_mappings_and_maps_anew(
     assert g.boots == 2
     # Rebooted, DMAR on again, nobody maps yet: the host holds what the tables give the
     # device now (its default domain), and nothing of the first boot's mappings.
-    async with g.paused():
-        view, host = await device_state(g, dev)
-        problems = [
-            mismatch(from_view(view), host, "host record vs VT-d tables", dev.server.table.events)
-        ]
-        problems += host_consistency(dev)
-    assert not [p for p in problems if p], "\n\n".join(p for p in problems if p)
+    problems, host = await host_vs_tables(g, dev)
+    assert not problems, "\n\n".join(problems)
     stale = [r for r in host if r.iova < 0x10_4000 and r.end > 0x10_0000]
     assert not stale, f"first boot's mapping survived the reboot: {stale}"
 
-    c = GuestContainer(g)  # a new agent process: new container
+    c = CheckedContainer(g)  # a new agent process: new container
     await c.add(dev)
     await c.alloc("buf2", 2 * 4096)
     await c.map("buf2", 0x10_0000)

@@ -10,21 +10,36 @@ After every step the rig compares each host record with the walk of the tables i
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
-from fixtures.qemu.pci_config import Bdf
-from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
-from fixtures.vtd.driver import VtdDriverError
+from fixtures.oracle.dma_event import DmaOp
+from fixtures.rig.vtd_rig import (
+    D0,
+    DATA_BASE,
+    IOVA,
+    Leaves,
+    RigFactory,
+    VtdRig,
+    maps_of,
+    ops,
+    remaps_of,
+    unmaps_of,
+)
+from fixtures.vtd.driver import FSTS_IQE, VtdDriverError
 from fixtures.vtd.invalidation import IotlbGranularity, iotlb
 from fixtures.vtd.page_tables import PAGE_1G, PAGE_2M, PAGE_4K
 
 pytestmark = pytest.mark.qtest
 
-D0 = Bdf(0, 3)
-D1 = Bdf(0, 4)
-IOVA = 0x1_0000_0000
+MAP, UNMAP = DmaOp.MAP, DmaOp.UNMAP
+
+
+def domain_base(did: int) -> int:
+    """Where populate() puts domain `did` in this module: every domain at its own IOVAs."""
+    return IOVA + (did << 32)
 
 
 async def one_domain(vtd_rig: RigFactory, **kwargs: Any) -> VtdRig:
@@ -43,10 +58,11 @@ async def test_psi_4k_map_then_unmap(vtd_rig: RigFactory) -> None:
     dom = rig.driver.domain(1)
     async with rig.step("map one page") as events:
         await rig.driver.map(dom, IOVA, DATA_BASE, PAGE_4K)
-    assert [e.op.name for e in events] == ["MAP"]
+    assert ops(events) == [(MAP, IOVA, PAGE_4K)]
+    assert events[0].gpa == DATA_BASE
     async with rig.change_step("unmap one page", [(IOVA, PAGE_4K)], remapped=False) as events:
         await rig.driver.unmap(dom, IOVA, PAGE_4K)
-    assert [e.op.name for e in events] == ["UNMAP"]
+    assert ops(events) == [(UNMAP, IOVA, PAGE_4K)]
 
 
 async def test_psi_with_address_mask_covers_every_page(vtd_rig: RigFactory) -> None:
@@ -54,8 +70,9 @@ async def test_psi_with_address_mask_covers_every_page(vtd_rig: RigFactory) -> N
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
     dom.tables.map(IOVA, DATA_BASE, 0x10000)
-    async with rig.step("psi am=4"):
+    async with rig.step("psi am=4") as events:
         await rig.driver.iotlb_psi(1, IOVA, am=4)
+    assert ops(events) == maps_of(Leaves(IOVA, DATA_BASE, 0x10000))
 
 
 async def test_psi_mask_wider_than_the_change_is_harmless(vtd_rig: RigFactory) -> None:
@@ -66,17 +83,19 @@ async def test_psi_mask_wider_than_the_change_is_harmless(vtd_rig: RigFactory) -
     dom.tables.map(IOVA + 0x5000, DATA_BASE, PAGE_4K)
     async with rig.step("psi am=9 over one new page") as events:
         await rig.driver.iotlb_psi(1, IOVA, am=9)
-    assert len(events) == 1
+    assert ops(events) == [(MAP, IOVA + 0x5000, PAGE_4K)]
 
 
 async def test_psi_of_2m_leaf(vtd_rig: RigFactory) -> None:
     """PSI am=9 over a 2 MiB leaf: the leaf is mapped and unmapped as one 2 MiB entry."""
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
-    async with rig.step("map 2 MiB leaf"):
+    async with rig.step("map 2 MiB leaf") as events:
         await rig.driver.map(dom, IOVA, DATA_BASE, PAGE_2M, page_size=PAGE_2M)
-    async with rig.change_step("unmap 2 MiB leaf", [(IOVA, PAGE_2M)], remapped=False):
+    assert ops(events) == [(MAP, IOVA, PAGE_2M)]
+    async with rig.change_step("unmap 2 MiB leaf", [(IOVA, PAGE_2M)], remapped=False) as events:
         await rig.driver.unmap(dom, IOVA, PAGE_2M, page_size=PAGE_2M)
+    assert ops(events) == [(UNMAP, IOVA, PAGE_2M)]
 
 
 async def test_psi_of_1g_leaf(vtd_rig: RigFactory) -> None:
@@ -85,9 +104,12 @@ async def test_psi_of_1g_leaf(vtd_rig: RigFactory) -> None:
     dom = rig.driver.domain(1)
     async with rig.step("map 1 GiB leaf") as events:
         await rig.driver.map(dom, 4 * PAGE_1G, PAGE_1G, PAGE_1G, page_size=PAGE_1G)
-    assert [e.size for e in events] == [PAGE_1G]
-    async with rig.change_step("unmap 1 GiB leaf", [(4 * PAGE_1G, PAGE_1G)], remapped=False):
+    assert ops(events) == [(MAP, 4 * PAGE_1G, PAGE_1G)]
+    async with rig.change_step(
+        "unmap 1 GiB leaf", [(4 * PAGE_1G, PAGE_1G)], remapped=False
+    ) as events:
         await rig.driver.unmap(dom, 4 * PAGE_1G, PAGE_1G, page_size=PAGE_1G)
+    assert ops(events) == [(UNMAP, 4 * PAGE_1G, PAGE_1G)]
 
 
 async def test_psi_covering_whole_pde_unmaps_all_its_ptes(vtd_rig: RigFactory) -> None:
@@ -95,13 +117,19 @@ async def test_psi_covering_whole_pde_unmaps_all_its_ptes(vtd_rig: RigFactory) -
     2 MiB PSI; every 4 KiB host mapping under it must go, so re-mapping later cannot EEXIST."""
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
-    async with rig.step("512 PTEs under one PDE"):
+    async with rig.step("512 PTEs under one PDE") as events:
         await rig.driver.map(dom, IOVA, DATA_BASE, PAGE_2M)
+    assert ops(events) == maps_of(Leaves(IOVA, DATA_BASE, PAGE_2M))
     dom.tables.clear_pointer(IOVA, 2)
-    async with rig.change_step("PDE cleared, psi am=9", [(IOVA, PAGE_2M)], remapped=False):
+    async with rig.change_step(
+        "PDE cleared, psi am=9", [(IOVA, PAGE_2M)], remapped=False
+    ) as events:
         await rig.driver.iotlb_psi(1, IOVA, am=9)
-    async with rig.step("map again under a fresh table"):
+    # The non-present PDE governs the whole 2 MiB: one UNMAP of all of it.
+    assert ops(events) == [(UNMAP, IOVA, PAGE_2M)]
+    async with rig.step("map again under a fresh table") as events:
         await rig.driver.map(dom, IOVA, DATA_BASE + PAGE_2M, 0x8000)
+    assert ops(events) == maps_of(Leaves(IOVA, DATA_BASE + PAGE_2M, 0x8000))
 
 
 async def test_psi_across_two_pdes(vtd_rig: RigFactory) -> None:
@@ -109,11 +137,13 @@ async def test_psi_across_two_pdes(vtd_rig: RigFactory) -> None:
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
     start = IOVA + PAGE_2M - 0x8000
-    async with rig.step("pages straddling a PDE boundary"):
+    async with rig.step("pages straddling a PDE boundary") as events:
         await rig.driver.map(dom, start, DATA_BASE, 0x10000)
+    assert ops(events) == maps_of(Leaves(start, DATA_BASE, 0x10000))
     dom.tables.unmap(start, 0x10000)
-    async with rig.change_step("psi am=10", [(start, 0x10000)], remapped=False):
+    async with rig.change_step("psi am=10", [(start, 0x10000)], remapped=False) as events:
         await rig.driver.iotlb_psi(1, IOVA, am=10)
+    assert ops(events) == unmaps_of(Leaves(start, DATA_BASE, 0x10000))
 
 
 async def test_psi_with_invalidation_hint(vtd_rig: RigFactory) -> None:
@@ -123,8 +153,10 @@ async def test_psi_with_invalidation_hint(vtd_rig: RigFactory) -> None:
     async with rig.step("map"):
         await rig.driver.map(dom, IOVA, DATA_BASE, 0x4000)
     dom.tables.map(IOVA, DATA_BASE + 0x100000, PAGE_4K)
-    async with rig.change_step("leaf changed, psi ih=1", [(IOVA, PAGE_4K)]):
+    async with rig.change_step("leaf changed, psi ih=1", [(IOVA, PAGE_4K)]) as events:
         await rig.driver.iotlb_psi(1, IOVA, am=0, ih=True)
+    assert ops(events) == [(UNMAP, IOVA, PAGE_4K), (MAP, IOVA, PAGE_4K)]
+    assert events[1].gpa == DATA_BASE + 0x100000
 
 
 async def test_psi_over_never_mapped_range_is_silent(vtd_rig: RigFactory) -> None:
@@ -143,8 +175,10 @@ async def test_psi_of_other_domain_leaves_this_one_alone(vtd_rig: RigFactory) ->
     dom1.tables.map(IOVA, DATA_BASE, PAGE_4K)  # not flushed yet
     async with rig.noop_step("psi with domain 2's id", "d0", skip=("d0",)):
         await rig.driver.iotlb_psi(2, IOVA, am=0)
-    async with rig.step("psi with domain 1's id"):
+    async with rig.step("psi with domain 1's id") as events:
         await rig.driver.iotlb_psi(1, IOVA, am=0)
+    assert ops(events) == [(MAP, IOVA, PAGE_4K)]
+    assert events[0].device == "d0"
 
 
 # ---- in-place changes -------------------------------------------------------------------------
@@ -158,7 +192,8 @@ async def test_in_place_change_is_unmap_then_map(vtd_rig: RigFactory) -> None:
         await rig.driver.map(dom, IOVA, DATA_BASE, 0x4000)
     async with rig.change_step("retarget one page", [(IOVA + 0x1000, PAGE_4K)]) as events:
         await rig.driver.map(dom, IOVA + 0x1000, DATA_BASE + 0x80000, PAGE_4K)
-    assert [e.op.name for e in events] == ["UNMAP", "MAP"]
+    assert ops(events) == [(UNMAP, IOVA + 0x1000, PAGE_4K), (MAP, IOVA + 0x1000, PAGE_4K)]
+    assert events[1].gpa == DATA_BASE + 0x80000
 
 
 async def test_permission_only_change_is_unmap_then_map(vtd_rig: RigFactory) -> None:
@@ -170,9 +205,13 @@ async def test_permission_only_change_is_unmap_then_map(vtd_rig: RigFactory) -> 
         await rig.driver.map(dom, IOVA, DATA_BASE, 0x2000)
     async with rig.change_step("make read-only", [(IOVA, 0x2000)]) as events:
         await rig.driver.map(dom, IOVA, DATA_BASE, 0x2000, write=False)
-    maps = [e for e in events if e.op.name == "MAP"]
-    assert maps
-    assert not any(e.write for e in maps)
+    # Each page's translation changed: UNMAP then MAP, page by page, as the walk meets them.
+    assert ops(events) == remaps_of(Leaves(IOVA, DATA_BASE, 0x2000))
+    maps = [e for e in events if e.op is MAP]
+    assert [(e.gpa, e.read, e.write) for e in maps] == [
+        (DATA_BASE, True, False),
+        (DATA_BASE + PAGE_4K, True, False),
+    ]
 
 
 SPLIT_BISECTS = (
@@ -190,8 +229,9 @@ SPLIT_BISECTS = (
 
 @pytest.mark.xfail(strict=True, reason=SPLIT_BISECTS)
 async def test_split_2m_leaf_into_4k_ptes(vtd_rig: RigFactory) -> None:
-    """Same translation, smaller pages (DESIGN.md §1 suspect): the host must end up with the
-    same pages mapped and no type1 rule broken on the way."""
+    """Same translation, smaller pages (an in-place split, as a driver may do to change part
+    of a large page later): the host must end up with the same pages mapped and no type1 rule
+    broken on the way."""
     rig = await one_domain(vtd_rig, trace=["vtd_page_walk_one*", "vfio_iommu_map_notify"])
     dom = rig.driver.domain(1)
     async with rig.step("map 2 MiB leaf"):
@@ -208,8 +248,10 @@ async def test_merge_4k_ptes_into_2m_leaf(vtd_rig: RigFactory) -> None:
     async with rig.step("map 512 PTEs"):
         await rig.driver.map(dom, IOVA, DATA_BASE, PAGE_2M)
     dom.tables.merge(IOVA, DATA_BASE)
-    async with rig.step("merge into one 2 MiB leaf, psi am=9"):
+    async with rig.change_step("merge into one 2 MiB leaf, psi am=9", [(IOVA, PAGE_2M)]) as events:
         await rig.driver.iotlb_psi(1, IOVA, am=9)
+    assert ops(events) == [(UNMAP, IOVA, PAGE_2M), (MAP, IOVA, PAGE_2M)]
+    assert events[1].gpa == DATA_BASE
 
 
 @pytest.mark.xfail(
@@ -249,18 +291,10 @@ async def test_split_1g_leaf_into_2m_leaves(vtd_rig: RigFactory) -> None:
 # ---- domain-selective and global --------------------------------------------------------------
 
 
-async def populated(rig: VtdRig, did: int = 1) -> None:
-    dom = rig.driver.domain(did)
-    base = IOVA + (did << 32)
-    async with rig.step(f"populate domain {did}"):
-        await rig.driver.map(dom, base, DATA_BASE, 0x8000)
-        await rig.driver.map(dom, base + PAGE_2M, DATA_BASE + PAGE_2M, PAGE_2M, page_size=PAGE_2M)
-
-
 async def test_dsi_with_unchanged_mappings_is_silent(vtd_rig: RigFactory) -> None:
     """63b88968f1: a DSI that changes nothing must not unmap-and-replay (a DMA window)."""
     rig = await one_domain(vtd_rig)
-    await populated(rig)
+    await rig.populate(1, base=domain_base(1))
     async with rig.noop_step("dsi, nothing changed"):
         await rig.driver.iotlb_domain(1)
 
@@ -270,8 +304,8 @@ async def test_global_iotlb_with_unchanged_mappings_is_silent(vtd_rig: RigFactor
     traffic (3e090e3489, 63b88968f1)."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
-    await populated(rig, 1)
-    await populated(rig, 2)
+    await rig.populate(1, base=domain_base(1))
+    await rig.populate(2, base=domain_base(2))
     async with rig.noop_step("global iotlb, nothing changed"):
         await rig.driver.iotlb_global()
 
@@ -291,10 +325,10 @@ async def test_global_iotlb_is_silent_for_a_detached_device(vtd_rig: RigFactory)
     change when the guest flushes the whole IOTLB: no traffic for it, nor for its neighbour."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 1})
-    await populated(rig, 1)
-    rig.driver.detach(Bdf(0, 3))
+    await rig.populate(1, base=domain_base(1))
+    rig.driver.detach(D0)
     async with rig.step("d0 context cleared"):
-        await rig.driver.flush_context(Bdf(0, 3), 1)
+        await rig.driver.flush_context(D0, 1)
     async with rig.noop_step("global iotlb, nothing changed"):
         await rig.driver.iotlb_global()
 
@@ -303,40 +337,62 @@ async def test_dsi_syncs_every_unflushed_change(vtd_rig: RigFactory) -> None:
     """DSI (vtd_iotlb_domain_invalidate -> vtd_address_space_sync): every pending change in the
     domain reaches the host."""
     rig = await one_domain(vtd_rig)
-    await populated(rig)
+    base = domain_base(1)
+    await rig.populate(1, base=base)
     dom = rig.driver.domain(1)
-    dom.tables.unmap(IOVA, 0x2000)
-    dom.tables.map(IOVA + 0x4000, DATA_BASE + 0x300000, PAGE_4K)
-    dom.tables.map(IOVA + 0x100000, DATA_BASE + 0x200000, 0x3000)
-    changed = [(IOVA, 0x2000), (IOVA + 0x4000, PAGE_4K), (IOVA + 0x100000, 0x3000)]
-    async with rig.step("dsi"):
+    dom.tables.unmap(base, 0x2000)  # two pages gone
+    dom.tables.map(base + 0x4000, DATA_BASE + 0x300000, PAGE_4K)  # one page retargeted
+    dom.tables.map(base + 0x10000, DATA_BASE + 0x200000, 0x3000)  # three read-only pages -> rw
+    changed = [(base, 0x2000), (base + 0x4000, PAGE_4K), (base + 0x10000, 0x3000)]
+    # Some ranges are only unmapped: remapped=False (no MAP demanded), but UNMAP first and
+    # nothing outside the changed ranges still hold; the exact stream is checked below.
+    async with rig.change_step("dsi", changed, remapped=False) as events:
         await rig.driver.iotlb_domain(1)
-    assert changed
+    assert ops(events) == [
+        *unmaps_of(Leaves(base, 0, 0x2000)),
+        *remaps_of(Leaves(base + 0x4000, 0, PAGE_4K), Leaves(base + 0x10000, 0, 0x3000)),
+    ]
+    maps = [(e.iova, e.gpa, e.write) for e in events if e.op is MAP]
+    assert maps == [
+        (base + 0x4000, DATA_BASE + 0x300000, True),
+        *(
+            (base + 0x10000 + i * PAGE_4K, DATA_BASE + 0x200000 + i * PAGE_4K, True)
+            for i in range(3)
+        ),
+    ]
 
 
 async def test_dsi_of_other_domain_leaves_this_one_alone(vtd_rig: RigFactory) -> None:
     """DSI filters by domain id: domain 2's DSI must not sync (or unmap) domain 1's device."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
-    await populated(rig, 1)
+    base = domain_base(1)
+    await rig.populate(1, base=base)
     dom1 = rig.driver.domain(1)
-    dom1.tables.unmap(IOVA, PAGE_4K)  # not flushed yet
+    dom1.tables.unmap(base, PAGE_4K)  # not flushed yet
     async with rig.noop_step("dsi of domain 2", "d0", skip=("d0",)):
         await rig.driver.iotlb_domain(2)
-    async with rig.step("dsi of domain 1"):
+    async with rig.change_step(
+        "dsi of domain 1", [(base, PAGE_4K)], "d0", remapped=False
+    ) as events:
         await rig.driver.iotlb_domain(1)
+    assert ops(events) == [(UNMAP, base, PAGE_4K)]
+    assert events[0].device == "d0"
 
 
 async def test_global_iotlb_syncs_all_domains(vtd_rig: RigFactory) -> None:
     """Global IOTLB invalidation syncs every address space with a MAP notifier, across domains."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
-    await populated(rig, 1)
-    await populated(rig, 2)
-    rig.driver.domain(1).tables.unmap(IOVA + (1 << 32), PAGE_4K)
-    rig.driver.domain(2).tables.map(IOVA + (2 << 32) + 0x10000, DATA_BASE, PAGE_4K)
-    async with rig.step("global iotlb"):
+    await rig.populate(1, base=domain_base(1))
+    await rig.populate(2, base=domain_base(2))
+    rig.driver.domain(1).tables.unmap(domain_base(1), PAGE_4K)
+    new_page = domain_base(2) + 0x40000  # outside domain 2's population: a new mapping
+    rig.driver.domain(2).tables.map(new_page, DATA_BASE, PAGE_4K)
+    async with rig.step("global iotlb") as events:
         await rig.driver.iotlb_global()
+    assert ops(events, "d0") == [(UNMAP, domain_base(1), PAGE_4K)]
+    assert ops(events, "d1") == [(MAP, new_page, PAGE_4K)]
 
 
 async def test_unmaps_never_leave_the_notifier_range(vtd_rig: RigFactory) -> None:
@@ -346,14 +402,17 @@ async def test_unmaps_never_leave_the_notifier_range(vtd_rig: RigFactory) -> Non
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
     top = (1 << 48) - PAGE_2M
-    async with rig.step("map at the edges"):
-        await rig.driver.map(dom, 0xFEC0_0000, DATA_BASE, PAGE_2M, page_size=PAGE_2M)
-        await rig.driver.map(dom, 0xFF00_0000, DATA_BASE + PAGE_2M, PAGE_2M, page_size=PAGE_2M)
-        await rig.driver.map(dom, top, DATA_BASE + 2 * PAGE_2M, PAGE_2M, page_size=PAGE_2M)
-    for iova in (0xFEC0_0000, 0xFF00_0000, top):
+    edges = (0xFEC0_0000, 0xFF00_0000, top)
+    async with rig.step("map at the edges") as events:
+        for i, iova in enumerate(edges):
+            await rig.driver.map(dom, iova, DATA_BASE + i * PAGE_2M, PAGE_2M, page_size=PAGE_2M)
+    assert ops(events) == [(MAP, iova, PAGE_2M) for iova in edges]
+    for iova in edges:
         dom.tables.unmap(iova, PAGE_2M, page_size=PAGE_2M)
-    async with rig.step("global iotlb"):
+    changed = [(iova, PAGE_2M) for iova in edges]
+    async with rig.change_step("global iotlb", changed, remapped=False) as events:
         await rig.driver.iotlb_global()
+    assert ops(events) == [(UNMAP, iova, PAGE_2M) for iova in edges]
 
 
 # ---- context cache ----------------------------------------------------------------------------
@@ -364,8 +423,8 @@ async def test_context_cache_global_resyncs_every_device(vtd_rig: RigFactory) ->
     its tables."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
-    await populated(rig, 1)
-    await populated(rig, 2)
+    await rig.populate(1, base=domain_base(1))
+    await rig.populate(2, base=domain_base(2))
     async with rig.step("context-cache global"):
         await rig.driver.cc_global()
 
@@ -374,7 +433,7 @@ async def test_context_cache_domain_selective(vtd_rig: RigFactory) -> None:
     """vtd_context_domain_invalidate: switch + sync of the devices of the domain."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
-    await populated(rig, 1)
+    await rig.populate(1, base=domain_base(1))
     async with rig.step("context-cache domain 1"):
         await rig.driver.cc_domain(1)
 
@@ -384,8 +443,8 @@ async def test_context_device_selective_moves_device_between_domains(vtd_rig: Ri
     mappings for domain 2's."""
     rig = await vtd_rig(devices=("d0", "d1"))
     await rig.translate({"d0": 1, "d1": 2})
-    await populated(rig, 1)
-    await populated(rig, 2)
+    await rig.populate(1, base=domain_base(1))
+    await rig.populate(2, base=domain_base(2))
     rig.driver.attach(D0, rig.driver.domain(2))
     async with rig.step("d0 -> domain 2, context-cache device"):
         await rig.driver.flush_context(D0, 2)
@@ -396,7 +455,7 @@ async def test_non_present_context_during_sync(vtd_rig: RigFactory) -> None:
     flush meets an IOTLB sync: QEMU must neither crash nor map anything; the flush then
     leaves the device blocked (empty host)."""
     rig = await one_domain(vtd_rig)
-    await populated(rig)
+    await rig.populate(1, base=domain_base(1))
     rig.driver.detach(D0)
     async with rig.step("dsi with context cleared", skip=("d0",)):
         await rig.driver.iotlb_domain(1)
@@ -414,20 +473,27 @@ async def test_scalable_piotlb_psi_maps_and_unmaps(vtd_rig: RigFactory) -> None:
     queue)."""
     rig = await one_domain(vtd_rig, scalable=True)
     dom = rig.driver.domain(1)
-    async with rig.step("map (p-iotlb psi)"):
+    async with rig.step("map (p-iotlb psi)") as events:
         await rig.driver.map(dom, IOVA, DATA_BASE, 0x10000)
-    async with rig.change_step("unmap (p-iotlb psi)", [(IOVA, 0x4000)], remapped=False):
+    assert ops(events) == maps_of(Leaves(IOVA, DATA_BASE, 0x10000))
+    async with rig.change_step("unmap (p-iotlb psi)", [(IOVA, 0x4000)], remapped=False) as events:
         await rig.driver.unmap(dom, IOVA, 0x4000)
+    assert ops(events) == unmaps_of(Leaves(IOVA, DATA_BASE, 0x4000))
 
 
 async def test_scalable_piotlb_pasid_selective_syncs(vtd_rig: RigFactory) -> None:
     """vtd_piotlb_pasid_invalidate -> vtd_address_space_sync where the RID_PASID matches."""
     rig = await one_domain(vtd_rig, scalable=True)
     dom = rig.driver.domain(1)
-    dom.tables.map(IOVA, DATA_BASE, 0x8000)
-    dom.tables.map(IOVA + PAGE_2M, DATA_BASE + PAGE_2M, PAGE_2M, page_size=PAGE_2M)
-    async with rig.step("p-iotlb all-in-pasid"):
+    leaves = (
+        Leaves(IOVA, DATA_BASE, 0x8000),
+        Leaves(IOVA + PAGE_2M, DATA_BASE + PAGE_2M, PAGE_2M, page_size=PAGE_2M),
+    )
+    for run in leaves:
+        dom.tables.map(run.iova, run.gpa, run.size, page_size=run.page_size)
+    async with rig.step("p-iotlb all-in-pasid") as events:
         await rig.driver.piotlb_pasid(1, 0)
+    assert ops(events) == maps_of(*leaves)
 
 
 # ---- more scopes and corner cases -------------------------------------------------------------
@@ -440,7 +506,9 @@ async def test_psi_updates_every_device_of_the_domain(vtd_rig: RigFactory) -> No
     dom = rig.driver.domain(1)
     async with rig.step("map in domain 1") as events:
         await rig.driver.map(dom, IOVA, DATA_BASE, 0x2000)
-    assert {e.device for e in events} == {"d0", "d1"}
+    for name in ("d0", "d1"):
+        assert ops(events, name) == maps_of(Leaves(IOVA, DATA_BASE, 0x2000)), name
+    assert ops(events, "d2") == []
 
 
 async def test_psi_mask_beyond_mamv_is_an_invalidation_queue_error(vtd_rig: RigFactory) -> None:
@@ -450,25 +518,38 @@ async def test_psi_mask_beyond_mamv_is_an_invalidation_queue_error(vtd_rig: RigF
     mamv = rig.driver.mamv
     bad = iotlb(IotlbGranularity.PAGE, domain=1, addr=0, am=mamv + 1)
     async with rig.noop_step("psi am=MAMV+1"):
-        with pytest.raises(VtdDriverError, match="FSTS=0x10 "):
+        # The driver's error names FSTS as `FSTS={value:#x} `: IQE and nothing else.
+        with pytest.raises(VtdDriverError, match=re.escape(f"FSTS={FSTS_IQE:#x} ")):
             await rig.driver.submit(bad)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="QEMU 11.1.3: vtd_page_walk_level (hw/i386/intel_iommu.c) skips a PTE with reserved "
+    "bits set ('goto next') instead of notifying it as not present, so the old translation's "
+    "host mapping stays: the device keeps reaching the page's previous GPA where the hardware "
+    "would fault. trace: 'vtd_inv_desc_iotlb_pages iotlb invalidate domain 0x1 addr "
+    "0x100001000 mask 0x0' then 'vtd_page_walk_skip_reserve Page walk skip iova 0x100001000 - "
+    "0x100002000 due to rsrv set' and no vfio_iommu_map_notify; host keeps 'MAP iova "
+    "0x100001000+0x1000 -> gpa 0x2001000' (the walk of the tables: unmapped).",
+)
 async def test_reserved_bit_in_pte_maps_nothing(vtd_rig: RigFactory) -> None:
-    """A PTE with a reserved bit set translates nothing (VT-d 9.8): no MAP for it."""
+    """A PTE with a reserved bit set translates nothing (VT-d 9.8): the page's old host
+    mapping goes (one UNMAP) and the new, malformed entry is not mapped."""
     rig = await one_domain(vtd_rig)
     dom = rig.driver.domain(1)
     async with rig.step("map two pages"):
         await rig.driver.map(dom, IOVA, DATA_BASE, 0x2000)
     dom.tables.unmap(IOVA + PAGE_4K, PAGE_4K)
     dom.tables.map(IOVA + PAGE_4K, DATA_BASE + 0x10000, PAGE_4K)
-    table_entry = dom.tables._table_for(IOVA + PAGE_4K, 1, create=False)
-    assert table_entry is not None
-    addr = table_entry + 8 * ((IOVA + PAGE_4K) >> 12 & 511)
-    raw = int.from_bytes(rig.machine.ram.read(addr, 8), "little")
-    rig.machine.ram.write(addr, (raw | 1 << 8).to_bytes(8, "little"))  # bit 8: reserved
-    async with rig.change_step("reserved bit, psi", [(IOVA + PAGE_4K, PAGE_4K)], remapped=False):
+    # Bit 11 (SNP) is reserved in a legacy-mode leaf without snoop control (bits 8-10 are
+    # ignored: setting one of those would leave a valid translation).
+    rig.set_pte_bits(dom, IOVA + PAGE_4K, 1 << 11)
+    async with rig.change_step(
+        "reserved bit, psi", [(IOVA + PAGE_4K, PAGE_4K)], remapped=False
+    ) as events:
         await rig.driver.iotlb_psi(1, IOVA + PAGE_4K, 0)
+    assert ops(events) == [(UNMAP, IOVA + PAGE_4K, PAGE_4K)]
 
 
 async def test_write_only_pte_maps_read_write_on_the_host(vtd_rig: RigFactory) -> None:
@@ -477,14 +558,15 @@ async def test_write_only_pte_maps_read_write_on_the_host(vtd_rig: RigFactory) -
     dom = rig.driver.domain(1)
     async with rig.step("write-only page") as events:
         await rig.driver.map(dom, IOVA, DATA_BASE, PAGE_4K, read=False, write=True)
-    assert [(e.read, e.write) for e in events] == [(True, True)]
+    assert ops(events) == [(MAP, IOVA, PAGE_4K)]
+    assert [(e.gpa, e.read, e.write) for e in events] == [(DATA_BASE, True, True)]
 
 
 async def test_iotlb_invalidation_of_empty_domain_is_silent(vtd_rig: RigFactory) -> None:
     """Invalidations naming a domain no device uses reach nobody."""
     rig = await vtd_rig(devices=("d0",))
     await rig.translate({"d0": 1})
-    await populated(rig, 1)
+    await rig.populate(1, base=domain_base(1))
     async with rig.noop_step("dsi + psi of domain 7 (no device)"):
         await rig.driver.iotlb_domain(7)
         await rig.driver.iotlb_psi(7, IOVA, 9)
@@ -494,13 +576,18 @@ async def test_scalable_mode_dsi_and_global_iotlb(vtd_rig: RigFactory) -> None:
     """Legacy IOTLB descriptors still sync second-stage PASID entries in scalable mode; an unchanged
     P-IOTLB is silent."""
     rig = await one_domain(vtd_rig, scalable=True)
-    await populated(rig, 1)
+    base = domain_base(1)
+    await rig.populate(1, base=base)
     dom = rig.driver.domain(1)
-    dom.tables.unmap(IOVA + (1 << 32), 0x2000)
-    async with rig.step("dsi (legacy descriptor in scalable mode)"):
+    dom.tables.unmap(base, 0x2000)
+    async with rig.change_step(
+        "dsi (legacy descriptor in scalable mode)", [(base, 0x2000)], remapped=False
+    ) as events:
         await rig.driver.iotlb_domain(1)
-    dom.tables.map(IOVA + (1 << 32), DATA_BASE + 0x900000, 0x2000)
-    async with rig.step("global iotlb"):
+    assert ops(events) == unmaps_of(Leaves(base, DATA_BASE, 0x2000))
+    dom.tables.map(base, DATA_BASE + 0x900000, 0x2000)
+    async with rig.step("global iotlb") as events:
         await rig.driver.iotlb_global()
+    assert ops(events) == maps_of(Leaves(base, DATA_BASE + 0x900000, 0x2000))
     async with rig.noop_step("p-iotlb all-in-pasid, nothing changed"):
         await rig.driver.piotlb_pasid(1, 0)

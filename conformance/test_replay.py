@@ -12,32 +12,17 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.qemu.pci_config import Bdf
-from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
-from fixtures.vtd.driver import Domain
+from fixtures.rig.vtd_rig import (
+    D0,
+    D1,
+    DATA_BASE,
+    HOTPLUG_BDF,
+    IOVA,
+    RigFactory,
+)
 from fixtures.vtd.page_tables import PAGE_1G, PAGE_2M, PAGE_4K
 
 pytestmark = pytest.mark.qtest
-
-D0 = Bdf(0, 3)
-D1 = Bdf(0, 4)
-HOTPLUG = Bdf(1, 0)  # device 0 behind root port rp0 (secondary bus 1)
-IOVA = 0x1_0000_0000
-
-
-async def populated(rig: VtdRig, did: int = 1, *, bdf: Bdf = D0) -> Domain:
-    """Domain `did` with 4 KiB, 64 KiB-of-4 KiB and 2 MiB mappings; `bdf` attached; DMAR on."""
-    driver = rig.driver
-    dom = driver.domain(did)
-    driver.attach(bdf, dom)
-    async with rig.switch_step("enable DMAR"):
-        await driver.flush_context(bdf, did)
-        await driver.enable_translation()
-    async with rig.step("populate"):
-        await driver.map(dom, IOVA, DATA_BASE, PAGE_4K)
-        await driver.map(dom, IOVA + 0x10000, DATA_BASE + 0x10000, 0x10000, write=False)
-        await driver.map(dom, IOVA + PAGE_2M, DATA_BASE + PAGE_2M, PAGE_2M, page_size=PAGE_2M)
-    return dom
 
 
 async def test_hotplug_into_populated_domain_replays_exactly_its_mappings(
@@ -46,26 +31,28 @@ async def test_hotplug_into_populated_domain_replays_exactly_its_mappings(
     """device_add under a context entry that already points at a populated domain: vfio's
     notifier registration replays every mapping to the new device, MAPs only, nobody else."""
     rig = await vtd_rig(devices=("d0",), ports=1)
-    dom = await populated(rig)
+    await rig.translate({"d0": 1})
+    dom = await rig.populate(1)
     # The guest programmed the slot's context beforehand.
-    await rig.driver.attach_and_flush(HOTPLUG, dom)
+    await rig.driver.attach_and_flush(HOTPLUG_BDF, dom)
     async with rig.replay_step("hotplug d1", "d1") as events:
         await rig.hotplug("d1")
     assert events, "the hot-plugged device received no replay"
-    assert rig.devices["d1"].bdf == HOTPLUG
+    assert rig.devices["d1"].bdf == HOTPLUG_BDF
 
 
 async def test_hotplug_then_attach_maps_domain_to_new_device_only(vtd_rig: RigFactory) -> None:
     """A device plugged while its context is absent sees nothing; attaching it (context entry +
     device-selective context-cache invalidation) syncs the domain to it alone, MAPs only."""
     rig = await vtd_rig(devices=("d0",), ports=1)
-    dom = await populated(rig)
+    await rig.translate({"d0": 1})
+    dom = await rig.populate(1)
     async with rig.replay_step("hotplug d1 (no context)", "d1") as plugged:
         await rig.hotplug("d1")
     assert not [e for e in plugged if e.device == "d1" and e.op.name == "MAP"]
-    rig.driver.attach(HOTPLUG, dom)
+    rig.driver.attach(HOTPLUG_BDF, dom)
     async with rig.replay_step("attach d1", "d1") as events:
-        await rig.driver.flush_context(HOTPLUG, dom.did)
+        await rig.driver.flush_context(HOTPLUG_BDF, dom.did)
     assert {e.device for e in events} == {"d1"}
 
 
@@ -90,7 +77,8 @@ async def test_second_device_attached_to_same_domain_gets_the_replay(vtd_rig: Ri
     """vtd_context_device_invalidate -> vtd_address_space_sync of the new device only: the domain's
     mappings reach d1, d0 (already synced) sees nothing."""
     rig = await vtd_rig(devices=("d0", "d1"))
-    dom = await populated(rig)
+    await rig.translate({"d0": 1})
+    dom = await rig.populate(1)
     rig.driver.attach(D1, dom)
     async with rig.replay_step("attach d1 to domain 1", "d1") as events:
         await rig.driver.flush_context(D1, dom.did)
@@ -102,7 +90,8 @@ async def test_device_in_other_domain_gets_nothing(vtd_rig: RigFactory) -> None:
     """Replay walks the new device's own context (vtd_iommu_replay): an empty domain 2 replays
     nothing, domain 1's mappings stay with d0."""
     rig = await vtd_rig(devices=("d0", "d1"))
-    await populated(rig)
+    await rig.translate({"d0": 1})
+    await rig.populate(1)
     other = rig.driver.domain(2)
     rig.driver.attach(D1, other)
     async with rig.replay_step("attach d1 to empty domain 2", "d1") as events:
@@ -114,8 +103,9 @@ async def test_replug_replays_current_state_not_stale_one(vtd_rig: RigFactory) -
     """Unplug, change the domain, plug a new device into the same slot: the replay shows the
     domain as it is now."""
     rig = await vtd_rig(devices=("d0",), ports=1)
-    dom = await populated(rig)
-    await rig.driver.attach_and_flush(HOTPLUG, dom)
+    await rig.translate({"d0": 1})
+    dom = await rig.populate(1)
+    await rig.driver.attach_and_flush(HOTPLUG_BDF, dom)
     async with rig.replay_step("hotplug d1", "d1"):
         await rig.hotplug("d1")
     async with rig.step("unplug d1"):
@@ -147,7 +137,8 @@ async def test_replay_of_one_gib_leaf(vtd_rig: RigFactory) -> None:
 async def test_replay_keeps_read_only_permission(vtd_rig: RigFactory) -> None:
     """The replayed entry carries the leaf's permissions (IOMMU_RO): vfio maps it without WRITE."""
     rig = await vtd_rig(devices=("d0", "d1"))
-    dom = await populated(rig)
+    await rig.translate({"d0": 1})
+    dom = await rig.populate(1)
     rig.driver.attach(D1, dom)
     async with rig.replay_step("attach d1", "d1") as events:
         await rig.driver.flush_context(D1, 1)
@@ -202,8 +193,9 @@ async def test_scalable_mode_hotplug_replays_second_stage_mappings(vtd_rig: RigF
     """Scalable mode, PASID entry with PGTT second-stage: the hot-plug replay walks the PASID
     table path (vtd_dev_to_context_entry + vtd_ce_get_pasid_entry)."""
     rig = await vtd_rig(devices=("d0",), ports=1, scalable=True)
-    dom = await populated(rig)
-    await rig.driver.attach_and_flush(HOTPLUG, dom)
+    await rig.translate({"d0": 1})
+    dom = await rig.populate(1)
+    await rig.driver.attach_and_flush(HOTPLUG_BDF, dom)
     async with rig.replay_step("hotplug d1", "d1") as events:
         await rig.hotplug("d1")
     assert events
@@ -213,8 +205,9 @@ async def test_unplug_leaves_the_other_device_of_the_domain_alone(vtd_rig: RigFa
     """vfio_listener_region_del of d1's IOMMU sections (notifier unregistration) touches only d1's
     host."""
     rig = await vtd_rig(devices=("d0",), ports=1)
-    dom = await populated(rig)
-    await rig.driver.attach_and_flush(HOTPLUG, dom)
+    await rig.translate({"d0": 1})
+    dom = await rig.populate(1)
+    await rig.driver.attach_and_flush(HOTPLUG_BDF, dom)
     async with rig.replay_step("hotplug d1", "d1"):
         await rig.hotplug("d1")
     async with rig.step("unplug d1") as events:
