@@ -18,13 +18,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast
+
+from fixtures import HarnessError
 
 CASE = "conformance/test_stateful.py::test_random_driver_sequences_keep_host_equal_to_tables"
 TIMEOUT_S = 900
 
 
-class FuzzBenchError(Exception):
-    pass
+class FuzzBenchError(HarnessError):
+    """The stateful machine did not finish, failed, or wrote no statistics."""
 
 
 def measure_fuzz_ops_per_s(
@@ -59,7 +62,7 @@ def measure_fuzz_ops_per_s(
         if done.returncode != 0 or not stats.exists():
             tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
             raise FuzzBenchError("stateful machine failed:\n" + "\n".join(tail))
-        return json.loads(stats.read_text())
+        return cast("dict[str, float]", json.loads(stats.read_text()))
 
 
 if __name__ == "__main__":

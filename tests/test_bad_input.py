@@ -8,6 +8,7 @@ import pytest
 
 from fixtures.qemu.accelerator import choose_accelerator, hardware_kvm_available
 from fixtures.qemu.capabilities import Capabilities
+from fixtures.qemu.errors import MissingFeature
 from tests.inner_run import run_pytest, write_case
 
 USES_QEMU = """
@@ -66,18 +67,36 @@ def caps_without(*missing: str) -> Capabilities:
 
 
 def test_missing_device_skips_with_reason() -> None:
-    with pytest.raises(pytest.skip.Exception, match=r"QEMU 10\.0\.0 at /opt/qemu has no device"):
+    with pytest.raises(MissingFeature, match=r"QEMU 10\.0\.0 at /opt/qemu has no device"):
         caps_without("vfio-user-pci").require_device("vfio-user-pci")
 
 
 def test_missing_property_skips_with_reason() -> None:
-    with pytest.raises(pytest.skip.Exception, match="intel-iommu lacks properties scalable-mode"):
+    with pytest.raises(MissingFeature, match="intel-iommu lacks properties scalable-mode"):
         caps_without().require_device("intel-iommu", "caching-mode", "scalable-mode")
 
 
 def test_missing_accelerator_skips_with_reason() -> None:
-    with pytest.raises(pytest.skip.Exception, match="has no qtest accelerator"):
+    with pytest.raises(MissingFeature, match="has no qtest accelerator"):
         caps_without().require_accelerator("qtest")
+
+
+MISSING_DEVICE = """
+    from fixtures.qemu.spec import MachineSpec
+
+    async def test_case(launch):
+        await launch(MachineSpec(accel="qtest", devices=[{"driver": "no-such-device"}]))
+"""
+
+
+def test_launch_turns_a_missing_feature_into_a_skip_with_its_text(
+    tmp_path: Path, qemu_binary: str
+) -> None:
+    code, out = run_pytest(write_case(tmp_path, MISSING_DEVICE), "--qemu", qemu_binary, "-rs")
+    assert code == 0, out
+    assert "1 skipped" in out, out
+    assert f"at {qemu_binary} has no device 'no-such-device'" in out, out
+    assert "Traceback" not in out
 
 
 def test_auto_accel_needs_hardware_kvm_module(tmp_path: Path) -> None:

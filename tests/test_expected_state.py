@@ -198,8 +198,19 @@ def test_from_tables_follows_dmar_and_context_type() -> None:
 # --- actual from the host record ------------------------------------------------------------------
 
 
-def ev(seq: int, op: DmaOp, iova: int, size: int, gpa: int | None = None, **kw: object) -> DmaEvent:
-    return DmaEvent(seq, float(seq), kw.pop("device", "d0"), op, iova, size, gpa, **kw)  # type: ignore[arg-type]
+def ev(
+    seq: int,
+    op: DmaOp,
+    iova: int,
+    size: int,
+    gpa: int | None = None,
+    *,
+    device: str = "d0",
+    read: bool = False,
+    write: bool = False,
+    errno: int = 0,
+) -> DmaEvent:
+    return DmaEvent(seq, float(seq), device, op, iova, size, gpa, read, write, errno)
 
 
 M, U, ALL = DmaOp.MAP, DmaOp.UNMAP, DmaOp.UNMAP_ALL

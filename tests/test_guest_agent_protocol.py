@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import io
 import json
+from typing import Any
 
 from guests.agent import Agent, serve
 
 
-def _session(*lines: str) -> list[dict[str, object]]:
+def _session(*lines: str) -> list[dict[str, Any]]:
     out = io.StringIO()
     serve(io.StringIO("".join(line + "\n" for line in lines)), out)
     return [json.loads(line) for line in out.getvalue().splitlines()]

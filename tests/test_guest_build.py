@@ -13,7 +13,8 @@ from guests.build import elf_needed, write_cpio
 
 
 def _read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
-    entries, pos = {}, 0
+    entries: dict[str, tuple[int, bytes]] = {}
+    pos = 0
     while True:
         assert data[pos : pos + 6] == b"070701"
         fields = [int(data[pos + 6 + i * 8 : pos + 14 + i * 8], 16) for i in range(13)]

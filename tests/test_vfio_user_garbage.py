@@ -176,13 +176,15 @@ async def _drive(server: VfioUserServer, seed: int) -> dict[str, int]:
                 cut = raw[: rng.choice([16, 16, 3])]
                 if await client.send(cut):
                     if len(cut) < HEADER_SIZE:
-                        client.sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+                        assert client.sock is not None  # send() succeeded: connected
+                        client.sock.shutdown(socket.SHUT_WR)
                     await client.expect_close()
             elif kind == "truncated":
                 payload = rng.randbytes(rng.randrange(1, 64))
                 raw = client._header(rng.randrange(1, 16), payload, 0)
                 if await client.send(raw[: rng.randrange(1, len(raw))]):
-                    client.sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+                    assert client.sock is not None  # send() succeeded: connected
+                    client.sock.shutdown(socket.SHUT_WR)
                     await client.expect_close()
             else:  # fd-flood: more fds than max_msg_fds
                 data, _ = client.framed()

@@ -29,6 +29,7 @@ from fixtures.vfio_user.wire import (
     Header,
     IrqInfo,
     IrqSet,
+    Payload,
     RegionAccess,
     RegionInfo,
     Version,
@@ -108,8 +109,9 @@ def test_error_reply_is_bare_header_with_errno() -> None:
         ),
     ],
 )
-def test_request_round_trip(command: Command, value: object) -> None:
-    payload = value.encode()  # type: ignore[attr-defined]
+def test_request_round_trip(command: Command, value: Payload) -> None:
+    assert value is not None
+    payload = value.encode()
     assert decode_request(header_for(command, payload), payload) == value
 
 
