@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures.oracle.dma_event import DmaOp
 from fixtures.rig.vtd_rig import D0, DATA_BASE, IOVA, RigFactory
 from fixtures.vtd.page_tables import PAGE_2M
 
@@ -19,9 +20,13 @@ async def test_dmar_on_with_no_context_blocks_everything(vtd_rig: RigFactory) ->
     """vtd_handle_gcmd_te -> vtd_switch_address_space_all: identity is withdrawn, a device without
     context gets nothing."""
     rig = await vtd_rig(devices=("d0",))
+    identity = rig.devices["d0"].host.table.mappings()  # the live host mappings
+    assert identity, "DMAR off: the device was not given guest RAM"
     async with rig.switch_step("enable DMAR, no context entry") as events:
         await rig.driver.enable_translation()
-    assert events, "identity mappings were not withdrawn"
+    assert [e for e in events if e.op is not DmaOp.UNMAP] == [], "a MAP without a context"
+    for m in identity:  # every identity mapping falls inside one of the UNMAPs
+        assert any(u.iova <= m.iova and m.iova + m.size <= u.end for u in events), m
 
 
 async def test_dmar_off_returns_device_to_identity(vtd_rig: RigFactory) -> None:

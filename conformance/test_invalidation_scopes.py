@@ -25,12 +25,14 @@ from fixtures.rig.vtd_rig import (
     VtdRig,
     maps_of,
     ops,
+    population,
     remaps_of,
     unmaps_of,
 )
-from fixtures.vtd.driver import FSTS_IQE, VtdDriverError
+from fixtures.vtd.driver import VtdDriverError
 from fixtures.vtd.invalidation import IotlbGranularity, iotlb
 from fixtures.vtd.page_tables import PAGE_1G, PAGE_2M, PAGE_4K
+from fixtures.vtd.registers import FSTS_IQE
 
 pytestmark = pytest.mark.qtest
 
@@ -494,6 +496,88 @@ async def test_scalable_piotlb_pasid_selective_syncs(vtd_rig: RigFactory) -> Non
     async with rig.step("p-iotlb all-in-pasid") as events:
         await rig.driver.piotlb_pasid(1, 0)
     assert ops(events) == maps_of(*leaves)
+
+
+async def test_scalable_piotlb_psi_of_rid_pasid_remaps_exactly_the_changed_range(
+    vtd_rig: RigFactory,
+) -> None:
+    """PASID-based IOTLB PSI (vtd_piotlb_page_invalidate) for RID_PASID (0) after two PTEs were
+    retargeted: exactly those two pages reach the host, each as UNMAP then MAP to its new
+    GPA; the same PSI for another PASID (1) syncs nothing of RID_PASID's address space."""
+    rig = await one_domain(vtd_rig, scalable=True)
+    dom = await rig.populate(1)
+    rw_pages, _read_only, _leaf = population()
+    changed = Leaves(rw_pages.iova + 0x2000, DATA_BASE + 0x500000, 0x2000)
+    dom.tables.map(changed.iova, changed.gpa, changed.size)  # not flushed yet
+    async with rig.noop_step("p-iotlb psi of PASID 1", skip=("d0",)):
+        await rig.driver.piotlb_psi(1, changed.iova, am=1, pasid=1)
+    async with rig.change_step(
+        "p-iotlb psi of RID_PASID", [(changed.iova, changed.size)]
+    ) as events:
+        await rig.driver.piotlb_psi(1, changed.iova, am=1, pasid=0)
+    assert ops(events) == remaps_of(changed)
+    assert [e.gpa for e in events if e.op is MAP] == [changed.gpa, changed.gpa + PAGE_4K]
+
+
+PASID_CACHE_SCOPES = {
+    "pasid": lambda rig: rig.driver.pasid_cache_pasid(1, 0),
+    "domain": lambda rig: rig.driver.pasid_cache_domain(1),
+    "global": lambda rig: rig.driver.pasid_cache_global(),
+}
+
+
+async def pasid_entry_changed(rig: VtdRig, scope: str) -> None:
+    """What a driver sends after rewriting a present PASID entry (VT-d 6.5.2.x): a PASID-cache
+    invalidation of `scope`, then the PASID-based IOTLB invalidation of that PASID."""
+    await PASID_CACHE_SCOPES[scope](rig)
+    await rig.driver.piotlb_pasid(1, 0)
+
+
+@pytest.mark.parametrize("scope", sorted(PASID_CACHE_SCOPES))
+async def test_scalable_pasid_cache_invalidation_switches_to_pass_through(
+    vtd_rig: RigFactory, scope: str
+) -> None:
+    """PASID entry PGTT second-stage -> pass-through, then a PASID-cache invalidation (PASID-,
+    domain-selective or global; vtd_pasid_cache_sync) and the P-IOTLB flush: the device
+    leaves its domain's mappings for identity over RAM, as the walk of the PASID entry says."""
+    rig = await one_domain(vtd_rig, scalable=True)
+    dom = await rig.populate(1)
+    rig.driver.attach(D0, dom, pass_through=True)
+    async with rig.switch_step(f"PGTT -> pass-through, pasid-cache {scope}"):
+        await pasid_entry_changed(rig, scope)
+
+
+PASID_CACHE_KEEPS_PASS_THROUGH = (
+    "QEMU 11.1.3: after a PASID entry goes from pass-through back to second-stage, neither a "
+    "PASID-cache invalidation (PASID-selective, domain-selective or global) nor the PASID-based "
+    "IOTLB invalidation that follows switches the device's address space back "
+    "(vtd_pasid_cache_sync, hw/i386/intel_iommu.c): the host keeps the identity map of all "
+    "guest RAM where the tables give the device its domain's 536 pages only; only a context-"
+    "cache invalidation (which the unchanged context entry does not call for) switches it. "
+    "trace: to pass-through 'vtd_inv_desc_pasid_cache_psi PASID selective PC invalidation "
+    "domain 0x1 pasid 0x0' then 'vtd_switch_address_space Device 00:03.0 switching address "
+    "space (iommu enabled=0)'; back: 'vtd_inv_desc_pasid_cache_psi ...' (or '_dsi Domain "
+    "selective PC invalidation domain 0x1', or '_gsi'), 'vtd_inv_desc invalidate desc type "
+    "p-iotlb high 0x0 low 0x10026', and no vtd_switch_address_space after them."
+)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=PASID_CACHE_KEEPS_PASS_THROUGH)
+@pytest.mark.parametrize("scope", sorted(PASID_CACHE_SCOPES))
+async def test_scalable_pasid_cache_invalidation_switches_back_to_second_stage(
+    vtd_rig: RigFactory, scope: str
+) -> None:
+    """PASID entry PGTT pass-through -> second-stage, then a PASID-cache invalidation of
+    `scope` and the P-IOTLB flush: identity goes, the device gets exactly its domain's
+    mappings again (a device left with identity reaches all of guest RAM)."""
+    rig = await one_domain(vtd_rig, scalable=True)
+    dom = await rig.populate(1)
+    rig.driver.attach(D0, dom, pass_through=True)
+    async with rig.switch_step("PGTT -> pass-through (context, PASID and IOTLB flushes)"):
+        await rig.driver.flush_context(D0, 1)
+    rig.driver.attach(D0, dom)
+    async with rig.switch_step(f"PGTT -> second-stage, pasid-cache {scope}"):
+        await pasid_entry_changed(rig, scope)
 
 
 # ---- more scopes and corner cases -------------------------------------------------------------

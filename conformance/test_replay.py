@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures.oracle.dma_event import DmaOp
 from fixtures.rig.vtd_rig import (
     D0,
     D1,
     DATA_BASE,
     HOTPLUG_BDF,
     IOVA,
+    Leaves,
     RigFactory,
+    maps_of,
+    ops,
+    population,
 )
 from fixtures.vtd.page_tables import PAGE_1G, PAGE_2M, PAGE_4K
 
@@ -37,7 +42,8 @@ async def test_hotplug_into_populated_domain_replays_exactly_its_mappings(
     await rig.driver.attach_and_flush(HOTPLUG_BDF, dom)
     async with rig.replay_step("hotplug d1", "d1") as events:
         await rig.hotplug("d1")
-    assert events, "the hot-plugged device received no replay"
+    assert ops(events, "d1") == maps_of(*population()), "not one MAP per live leaf"
+    assert ops(events, "d0") == []
     assert rig.devices["d1"].bdf == HOTPLUG_BDF
 
 
@@ -53,7 +59,8 @@ async def test_hotplug_then_attach_maps_domain_to_new_device_only(vtd_rig: RigFa
     rig.driver.attach(HOTPLUG_BDF, dom)
     async with rig.replay_step("attach d1", "d1") as events:
         await rig.driver.flush_context(HOTPLUG_BDF, dom.did)
-    assert {e.device for e in events} == {"d1"}
+    assert ops(events, "d1") == maps_of(*population())
+    assert ops(events, "d0") == []
 
 
 async def test_enabling_dmar_after_mappings_exist_replays_them(vtd_rig: RigFactory) -> None:
@@ -63,14 +70,22 @@ async def test_enabling_dmar_after_mappings_exist_replays_them(vtd_rig: RigFacto
     driver = rig.driver
     dom = driver.domain(1)
     driver.attach(D0, dom)
-    dom.tables.map(IOVA, DATA_BASE, 0x8000)
-    dom.tables.map(IOVA + PAGE_2M, DATA_BASE + PAGE_2M, PAGE_2M, page_size=PAGE_2M)
-    async with rig.step("flush while DMAR off"):
+    leaves = (
+        Leaves(IOVA, DATA_BASE, 0x8000),
+        Leaves(IOVA + PAGE_2M, DATA_BASE + PAGE_2M, PAGE_2M, page_size=PAGE_2M),
+    )
+    for run in leaves:
+        dom.tables.map(run.iova, run.gpa, run.size, page_size=run.page_size)
+    async with rig.noop_step("flush while DMAR off"):
         await driver.flush_context(D0, 1)
         await driver.iotlb_global()
     async with rig.switch_step("enable DMAR") as events:
         await driver.enable_translation()
-    assert any(e.op.name == "MAP" and e.iova == IOVA for e in events)
+    # vfio's listener drops the identity sections first, then the replay maps each leaf.
+    maps = [e for e in events if e.op is DmaOp.MAP]
+    assert ops(maps) == maps_of(*leaves)
+    first_map = events.index(maps[0])
+    assert all(e.op is DmaOp.UNMAP for e in events[:first_map]), "identity kept under a MAP"
 
 
 async def test_second_device_attached_to_same_domain_gets_the_replay(vtd_rig: RigFactory) -> None:
@@ -82,8 +97,8 @@ async def test_second_device_attached_to_same_domain_gets_the_replay(vtd_rig: Ri
     rig.driver.attach(D1, dom)
     async with rig.replay_step("attach d1 to domain 1", "d1") as events:
         await rig.driver.flush_context(D1, dom.did)
-    assert events
-    assert all(e.device == "d1" for e in events), "replay reached the device already attached"
+    assert ops(events, "d1") == maps_of(*population())
+    assert ops(events, "d0") == [], "replay reached the device already attached"
 
 
 async def test_device_in_other_domain_gets_nothing(vtd_rig: RigFactory) -> None:
@@ -96,7 +111,7 @@ async def test_device_in_other_domain_gets_nothing(vtd_rig: RigFactory) -> None:
     rig.driver.attach(D1, other)
     async with rig.replay_step("attach d1 to empty domain 2", "d1") as events:
         await rig.driver.flush_context(D1, other.did)
-    assert not [e for e in events if e.op.name == "MAP"], "an empty domain replayed mappings"
+    assert ops(events) == [], "an empty domain replayed mappings (or d0 moved)"
 
 
 async def test_replug_replays_current_state_not_stale_one(vtd_rig: RigFactory) -> None:
@@ -113,8 +128,16 @@ async def test_replug_replays_current_state_not_stale_one(vtd_rig: RigFactory) -
     async with rig.step("change domain while d1 is away"):
         await rig.driver.unmap(dom, IOVA, PAGE_4K)
         await rig.driver.map(dom, IOVA + 0x400000, DATA_BASE + 0x400000, 0x3000)
-    async with rig.replay_step("hotplug d2 into the same slot", "d2"):
+    async with rig.replay_step("hotplug d2 into the same slot", "d2") as events:
         await rig.hotplug("d2")
+    rw_pages, read_only, leaf_2m = population()
+    now = (
+        Leaves(IOVA + PAGE_4K, DATA_BASE + PAGE_4K, rw_pages.size - PAGE_4K),
+        read_only,
+        leaf_2m,
+        Leaves(IOVA + 0x400000, DATA_BASE + 0x400000, 0x3000),
+    )
+    assert ops(events, "d2") == maps_of(*now)
 
 
 async def test_replay_of_one_gib_leaf(vtd_rig: RigFactory) -> None:
@@ -127,11 +150,14 @@ async def test_replay_of_one_gib_leaf(vtd_rig: RigFactory) -> None:
     async with rig.switch_step("enable DMAR"):
         await rig.driver.flush_context(D0, 1)
         await rig.driver.enable_translation()
-    async with rig.step("1 GiB leaf"):
+    async with rig.step("1 GiB leaf") as events:
         await rig.driver.map(dom, 2 * PAGE_1G, PAGE_1G, PAGE_1G, page_size=PAGE_1G)
+    assert ops(events) == [(DmaOp.MAP, 2 * PAGE_1G, PAGE_1G)]
     rig.driver.attach(D1, dom)
-    async with rig.replay_step("attach d1", "d1"):
+    async with rig.replay_step("attach d1", "d1") as events:
         await rig.driver.flush_context(D1, 1)
+    assert ops(events) == [(DmaOp.MAP, 2 * PAGE_1G, PAGE_1G)]
+    assert events[0].device == "d1"
 
 
 async def test_replay_keeps_read_only_permission(vtd_rig: RigFactory) -> None:
@@ -142,9 +168,13 @@ async def test_replay_keeps_read_only_permission(vtd_rig: RigFactory) -> None:
     rig.driver.attach(D1, dom)
     async with rig.replay_step("attach d1", "d1") as events:
         await rig.driver.flush_context(D1, 1)
-    ro = [e for e in events if e.op.name == "MAP" and e.iova == IOVA + 0x10000]
-    assert ro, "read-only mapping not replayed"
-    assert not ro[0].write
+    _rw_pages, read_only, _leaf = population()
+    replayed = [(e.iova, e.gpa, e.read, e.write) for e in events if read_only.iova <= e.iova]
+    replayed = [r for r in replayed if r[0] < read_only.iova + read_only.size]
+    assert replayed == [
+        (read_only.iova + off, read_only.gpa + off, True, False)
+        for off in range(0, read_only.size, PAGE_4K)
+    ], "read-only pages not replayed read-only, one MAP each"
 
 
 async def test_replay_is_clipped_to_the_notifier_ranges(vtd_rig: RigFactory) -> None:
@@ -156,13 +186,21 @@ async def test_replay_is_clipped_to_the_notifier_ranges(vtd_rig: RigFactory) -> 
     async with rig.switch_step("enable DMAR"):
         await rig.driver.flush_context(D0, 1)
         await rig.driver.enable_translation()
-    async with rig.step("map 4 KiB pages across the IR window"):
+    async with rig.step("map 4 KiB pages across the IR window") as mapped:
         await rig.driver.map(dom, 0xFEDF_C000, DATA_BASE, 0x10_8000)
+    # Four pages below the window, 256 inside (no notifier there), four above it.
+    outside = (
+        Leaves(0xFEDF_C000, DATA_BASE, 0x4000),
+        Leaves(0xFEF0_0000, DATA_BASE + 0x10_4000, 0x4000),
+    )
+    assert ops(mapped) == maps_of(*outside)
     rig.driver.attach(D1, dom)
     async with rig.replay_step("attach d1", "d1") as events:
         await rig.driver.flush_context(D1, 1)
-    assert any(e.end <= 0xFEE0_0000 for e in events)
-    assert any(e.iova >= 0xFEF0_0000 for e in events)
+    assert ops(events, "d1") == maps_of(*outside)
+    assert [e.gpa for e in events] == [
+        run.gpa + off for run in outside for off in range(0, run.size, PAGE_4K)
+    ]
 
 
 CROPPED_LEAF = (
@@ -198,7 +236,8 @@ async def test_scalable_mode_hotplug_replays_second_stage_mappings(vtd_rig: RigF
     await rig.driver.attach_and_flush(HOTPLUG_BDF, dom)
     async with rig.replay_step("hotplug d1", "d1") as events:
         await rig.hotplug("d1")
-    assert events
+    assert ops(events, "d1") == maps_of(*population())
+    assert ops(events, "d0") == []
 
 
 async def test_unplug_leaves_the_other_device_of_the_domain_alone(vtd_rig: RigFactory) -> None:
