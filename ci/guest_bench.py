@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fixtures.guest.errors import GuestError
 from fixtures.guest.machine import Guest, GuestImage, boot_guest, guest_spec
 from fixtures.guest.vfio import GuestContainer, GuestVfioDevice
 from fixtures.qemu.accelerator import choose_accelerator
@@ -74,7 +75,7 @@ async def guest_bench(
 ) -> dict[str, float]:
     found = GuestImage.locate()
     if isinstance(found, str):
-        raise RuntimeError(found)
+        raise GuestError(found)
     chosen = choose_accelerator(accel)
     with tempfile.TemporaryDirectory(prefix="viommu-guest-bench-") as tmp:
         results = [
