@@ -87,7 +87,9 @@ class ConfigureOptions:
         return cls(frozenset(features), frozenset(options))
 
 
-def configure_args(offered: ConfigureOptions, src: Path) -> tuple[list[str], list[str]]:
+def configure_args(
+    offered: ConfigureOptions, src: Path, *, have_libfdt: bool = True
+) -> tuple[list[str], list[str]]:
     """(the configure arguments, notes for the user) for this tree."""
     args = [f"--target-list={TARGET}"]
     notes: list[str] = []
@@ -95,7 +97,7 @@ def configure_args(offered: ConfigureOptions, src: Path) -> tuple[list[str], lis
         args.append("--without-default-features")
     if "--disable-install-blobs" in offered.options:
         args.append("--disable-install-blobs")
-    if "fdt" in offered.features:
+    if "fdt" in offered.features and have_libfdt:
         args.append("--enable-fdt=system")
     for feature in WANTED_FEATURES:
         if feature in offered.features:
@@ -195,13 +197,41 @@ def write_launcher(build: Path, data_dirs: Iterable[Path]) -> Path:
     return launcher
 
 
+# What a build needs on the host, as (program or pkg-config module, Debian package).
+BUILD_TOOLS = (
+    ("ninja", "ninja-build"), ("cc", "gcc"), ("make", "make"), ("flex", "flex"),
+    ("bison", "bison"), ("pkg-config", "pkg-config"),
+)  # fmt: skip
+BUILD_LIBRARIES = (
+    ("glib-2.0", "libglib2.0-dev"), ("pixman-1", "libpixman-1-dev"), ("slirp", "libslirp-dev"),
+    ("zlib", "zlib1g-dev"),
+)  # fmt: skip
+# x86_64 needs no libfdt; use the system's when there is one (libfdt-dev has no .pc file).
+LIBFDT_HEADER = Path("/usr/include/libfdt.h")
+
+
+def missing_build_dependencies() -> list[str]:
+    """The Debian packages a build still needs on this host (checked before configure, so the
+    user gets one line naming them rather than a configure log)."""
+    missing = [package for program, package in BUILD_TOOLS if shutil.which(program) is None]
+    if shutil.which("pkg-config"):
+        for module, package in BUILD_LIBRARIES:
+            found = subprocess.run(["pkg-config", "--exists", module], check=False)
+            if found.returncode != 0:
+                missing.append(package)
+    return missing
+
+
 def build_tree(src: Path, build: Path, *, jobs: int | None = None) -> Path:
     src, build = src.resolve(), build.resolve()
     configure = src / "configure"
     if not configure.is_file():
         raise BuildError(f"{src}: no configure script (not a QEMU source tree)")
+    missing = missing_build_dependencies()
+    if missing:
+        raise BuildError(f"missing build dependencies: apt-get install {' '.join(missing)}")
     offered = ConfigureOptions.parse(_run([configure, "--help"], cwd=src, what="configure --help"))
-    args, notes = configure_args(offered, src)
+    args, notes = configure_args(offered, src, have_libfdt=LIBFDT_HEADER.is_file())
     for note in notes:
         print(f"build-qemu: {note}", file=sys.stderr)
     build.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 CACHE_ENV = "VIOMMU_CACHE"
@@ -68,7 +69,7 @@ class PrivateApt:
     is what a self-contained sysroot needs.
     """
 
-    def __init__(self, home: Path, suites: list[str]) -> None:
+    def __init__(self, home: Path, suites: list[str], *, source_suites: Sequence[str] = ()) -> None:
         self.home = home
         uri, keyring = host_debian_mirror()
         for sub in ("etc/sources.list.d", "etc/apt.conf.d", "etc/preferences.d", "state/lists"):
@@ -77,6 +78,9 @@ class PrivateApt:
         (home / "status").touch()
         (home / "etc/sources.list").write_text(
             "".join(f"deb [signed-by={keyring}] {uri} {suite} main\n" for suite in suites)
+            + "".join(
+                f"deb-src [signed-by={keyring}] {uri} {suite} main\n" for suite in source_suites
+            )
         )
         self.options = [
             f"-oDir={home}",
@@ -119,6 +123,23 @@ class PrivateApt:
         dest.mkdir(parents=True, exist_ok=True)
         self.run("download", *packages, cwd=dest)
         return sorted(dest.glob("*.deb"))
+
+    def source_versions(self, package: str) -> list[str]:
+        """The source versions of `package` the deb-src suites offer, as apt lists them."""
+        cmd = ["apt-cache", *self.options, "showsrc", package]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        return re.findall(r"^Version: (\S+)", proc.stdout, re.M)
+
+    def source(self, package: str, version: str, dest: Path) -> Path:
+        """Download and extract `package`=`version` with its patches applied (dpkg-source, as
+        `apt-get source` does); returns the extracted tree."""
+        dest.mkdir(parents=True, exist_ok=True)
+        self.run("source", f"{package}={version}", cwd=dest)
+        upstream = version.split(":", 1)[-1].rsplit("-", 1)[0]
+        tree = dest / f"{package}-{upstream}"
+        if not (tree / "debian").is_dir():
+            raise ProvisionError(f"apt-get source {package}={version} left no tree at {tree}")
+        return tree
 
 
 def unpack(debs: list[Path], root: Path) -> None:

@@ -4,9 +4,11 @@ The default is trixie-backports' qemu-system-x86 (11.1: vfio-user and qtest), wh
 newer than the host's, so the whole dependency closure is unpacked into a sysroot and QEMU
 runs through that sysroot's own dynamic loader. `--release bookworm` gives 7.2 (no vfio-user,
 no qtest accelerator) for gating against a QEMU lacking features; it is never part of the
-default provisioning. Idempotent: a complete sysroot is marked by a stamp written last, and a
-cached run only checks the stamp.
-Usage (from the top): python3 -m ci.provision_qemu [--release bookworm]
+default provisioning. `--source VERSION` (e.g. 10.2.2) instead builds that version from
+Debian's source package with ci/build-qemu, so a run on another release can be reproduced
+anywhere (build dependencies: see ci/build-qemu). Idempotent: a complete sysroot is marked by
+a stamp written last, and a cached run only checks the stamp.
+Usage (from the top): python3 -m ci.provision_qemu [--release bookworm | --source VERSION]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ci.build_qemu import build_tree
 from ci.private_apt import PrivateApt, ProvisionError, cache_root, fail, unpack
 
 TRIPLET = "x86_64-linux-gnu"
@@ -128,10 +131,49 @@ def check_starts(launcher: Path) -> None:
         raise ProvisionError(f"provisioned QEMU does not start: {tail}")
 
 
+# Suites whose deb-src lists are searched for --source VERSION (newest first).
+SOURCE_SUITES = ("sid", "trixie-backports", "trixie")
+
+
+def from_source(version: str) -> Path:
+    """QEMU `version` built from Debian's source package, cached under qemu-src-VERSION."""
+    dest = cache_root() / f"qemu-src-{version}"
+    dest.mkdir(parents=True, exist_ok=True)
+    stamp = dest / "complete"
+    if stamp.is_file() and Path(stamp.read_text().strip()).is_file():
+        return Path(stamp.read_text().strip())
+    tree = next(dest.glob("qemu-*/debian"), None)
+    if tree is None:
+        apt = PrivateApt(dest / "apt", [], source_suites=list(SOURCE_SUITES))
+        apt.update()
+        offered = apt.source_versions("qemu")
+        matching = [v for v in offered if v.split(":", 1)[-1].startswith(f"{version}+")]
+        if not matching:
+            raise ProvisionError(
+                f"no Debian source for QEMU {version} (offered: {', '.join(offered) or 'none'})"
+            )
+        src = apt.source("qemu", matching[0], dest)
+        shutil.rmtree(dest / "apt")
+    else:
+        src = tree.parent
+    print(f"provision: building QEMU {version} from source in {dest} ...", file=sys.stderr)
+    binary = build_tree(src, dest / "build")
+    stamp.write_text(f"{binary}\n")
+    return binary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release", choices=sorted(RECIPES), default="trixie-backports")
-    recipe = RECIPES[parser.parse_args(argv).release]
+    parser.add_argument("--source", metavar="VERSION", help="build this Debian source version")
+    options = parser.parse_args(argv)
+    if options.source:
+        try:
+            print(from_source(options.source))
+        except ProvisionError as err:
+            fail(str(err))
+        return
+    recipe = RECIPES[options.release]
     if not is_complete(recipe):
         print(f"provision: fetching QEMU ({recipe.suites[-1]}) into the cache ...", file=sys.stderr)
         try:

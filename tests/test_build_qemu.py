@@ -74,8 +74,13 @@ def fake_tree(tmp_path: Path, help_text: str, *, kconfig_client: bool) -> Path:
 
 @pytest.fixture
 def fake_ninja(tmp_path: Path) -> dict[str, str]:
+    """PATH with a fake ninja, and build tools / pkg-config that say everything is there (the
+    host's build dependencies are not this test's business)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    for tool in ("cc", "make", "flex", "bison", "pkg-config"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / tool).chmod(0o755)
     ninja = bin_dir / "ninja"
     ninja.write_text(
         '#!/bin/sh\n# ninja -C DIR -jN TARGET\necho "[1/1] Linking $4"\n'
@@ -154,6 +159,19 @@ def test_build_configures_once_and_rebuilds_incrementally(
     assert second.returncode == 0, second.stderr
     assert len((out / "configure.calls").read_text().splitlines()) == 1  # not reconfigured
     assert (out / "ninja.calls").read_text().count("run") == 2
+
+
+def test_missing_build_dependencies_are_named_as_packages(
+    tmp_path: Path, fake_ninja: dict[str, str]
+) -> None:
+    src = fake_tree(tmp_path, NEW_STYLE, kconfig_client=False)
+    pkg_config = Path(fake_ninja["PATH"].split(":")[0]) / "pkg-config"
+    pkg_config.write_text('#!/bin/sh\n[ "$2" = slirp ] && exit 1; exit 0\n')
+    result = build(src, tmp_path / "build", fake_ninja)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "build-qemu: missing build dependencies: apt-get install libslirp-dev"
+    )
 
 
 def test_not_a_qemu_tree_is_one_line(tmp_path: Path, fake_ninja: dict[str, str]) -> None:
