@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.guest.vfio import bus_devfn, mismatch
+from fixtures.guest.vfio import bus_devfn
 from fixtures.oracle.expected_state import MapIntent, PageMap, Run, from_intent
 from fixtures.oracle.intent import Intent
+from fixtures.qemu.pci_config import Bdf
+from fixtures.rig.guest_rig import mismatch
 
 
 def test_intent_maps_each_page_to_its_buffer_gpa() -> None:
@@ -51,3 +53,5 @@ def test_mismatch_is_silent_when_equal_and_names_the_differing_pages() -> None:
 )
 def test_bus_devfn_is_the_requester_id(bdf: str, expected: tuple[int, int]) -> None:
     assert bus_devfn(bdf) == expected
+    parsed = Bdf.parse(bdf)  # the one parser of PCI addresses bus_devfn can defer to
+    assert (parsed.bus, parsed.devfn) == expected
