@@ -3,6 +3,7 @@
 pytest_plugins = (
     "fixtures.plugins.harness",
     "fixtures.plugins.vfio_user",
+    "fixtures.plugins.vhost_user",
     "fixtures.plugins.guest",
     "fixtures.plugins.rig",
 )
