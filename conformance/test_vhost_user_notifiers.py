@@ -1,0 +1,548 @@
+"""vhost's IOMMU notifiers, seen by the suite's own vhost-user backend (qtest tier).
+
+vhost registers one notifier per IOMMU section of the device's DMA address space when it
+starts with VIRTIO_F_ACCESS_PLATFORM (`vhost_iommu_region_add`, hw/virtio/vhost.c): flags
+IOMMU_NOTIFIER_UNMAP, or IOMMU_NOTIFIER_DEVIOTLB_UNMAP once the guest enabled ATS on the
+device; no MAP, no replay. Each notification becomes one VHOST_USER_IOTLB_MSG INVALIDATE to
+the backend, which fetches translations itself (IOTLB MISS -> UPDATE).
+
+Expected values come from what the case programmed and VT-d semantics, never from QEMU's
+output: a PSI invalidates 2^am 4 KiB pages from its address; with no MAP notifier on the
+address space there is nothing to walk, so an UNMAP-only notifier is told the PSI's range,
+cropped to its section; DSI, global and context-cache invalidations may have changed
+anything, so they reach it as invalidations covering its whole section; a device-IOTLB
+descriptor (ATS size encoding) reaches only a DEVIOTLB notifier, and nothing else does. The
+interrupt window [0xfee00000, 0xfeefffff] is not remapped, so the remapping region (all of
+the 64-bit space) is two sections: two notifiers per device.
+
+The set-up plays firmware and a guest kernel over qtest: root-port buses and window, BARs,
+ECAM (for the ATS capability), the VT-d driver (tables, queued invalidation), and the virtio
+driver (reset, VERSION_1 | ACCESS_PLATFORM, two rings at IOVAs the domain maps, DRIVER_OK).
+QEMU's stderr is checked at the end of every case: a line the case did not declare fails it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pytest
+
+from fixtures.plugins.harness import Launcher
+from fixtures.plugins.vhost_user import VhostUserBackendFactory, VhostUserNet
+from fixtures.qemu.pci_config import Bdf, PciConfig
+from fixtures.qemu.qtest_machine import QTestMachine
+from fixtures.qemu.spec import DEFAULT_TRACE, MachineSpec
+from fixtures.vhost_user.backend import VhostUserBackend
+from fixtures.vhost_user.record import Direction, IotlbEvent, NoTranslation, Translation
+from fixtures.vhost_user.wire import VIRTIO_F_ACCESS_PLATFORM as WIRE_ACCESS_PLATFORM
+from fixtures.vhost_user.wire import Access, IotlbType
+from fixtures.virtio.driver import (
+    VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_VERSION_1,
+    RingLayout,
+    VirtioPciDevice,
+)
+from fixtures.virtio.ecam import Ats, Ecam
+from fixtures.virtio.resources import enable_memory_and_master, open_memory_window
+from fixtures.vtd.driver import Domain, VtdDriver
+from fixtures.vtd.page_tables import PAGE_2M, PAGE_4K
+
+pytestmark = pytest.mark.qtest
+
+PORT = Bdf(0, 0x10)  # pcie-root-port rp0
+NET = Bdf(1, 0)  # virtio-net-pci behind it (secondary bus 1)
+OTHER = Bdf(0, 3)  # a requester id with no device
+MMIO_BASE = 0xC000_0000
+MMIO_LIMIT = 0xC03F_FFFF
+RING_IOVA = 0x10_0000_0000  # rx rings at +0, tx at +0x4000
+RING_GPA = 0x0300_0000
+DATA_IOVA = 0x4000_0000
+DATA_GPA = 0x0400_0000
+UNMAPPED = 0x5000_0000
+DID = 1
+QUEUES = 2  # rx, tx (no control queue negotiated)
+AW_BITS = 48
+TRACE = [*DEFAULT_TRACE, "vhost_*", "vtd_iotlb_page*", "vtd_inv_desc*", "vtd_as_*"]
+
+INTERRUPT_WINDOW = (0xFEE0_0000, 0xFEF0_0000)
+# The two sections of the remapping region, [start, end): below and above the window.
+SECTIONS = ((0, INTERRUPT_WINDOW[0]), (INTERRUPT_WINDOW[1], 1 << 64))
+
+Range = tuple[int, int]  # (iova, size)
+
+
+def cropped(iova: int, size: int) -> set[Range]:
+    """An invalidation of [iova, iova+size) as each section's notifier must see it."""
+    out = set()
+    for start, end in SECTIONS:
+        lo, hi = max(iova, start), min(iova + size, end)
+        if lo < hi:
+            out.add((lo, hi - lo))
+    return out
+
+
+def whole_sections() -> set[Range]:
+    return {(start, end - start) for start, end in SECTIONS}
+
+
+def ranges(events: list[IotlbEvent]) -> list[Range]:
+    return [(e.iova, e.size) for e in events]
+
+
+def show(events: list[IotlbEvent]) -> str:
+    return "\n".join(e.describe() for e in events) or "(nothing)"
+
+
+@dataclass
+class VhostRig:
+    machine: QTestMachine
+    net: VhostUserNet
+    cfg: PciConfig
+    driver: VtdDriver
+    domain: Domain
+    virtio: VirtioPciDevice
+    ats: Ats
+    rings: list[RingLayout]
+    declared_stderr: list[str] = field(default_factory=list)
+
+    @property
+    def backend(self) -> VhostUserBackend:
+        return self.net.backend
+
+    def since(self, mark: int, *types: IotlbType) -> list[IotlbEvent]:
+        return self.backend.events(*types, since=mark)
+
+    def expect_stderr(self, *patterns: str) -> None:
+        """Declare QEMU error lines this case provokes on purpose (regular expressions)."""
+        self.declared_stderr.extend(patterns)
+
+    def undeclared_stderr(self) -> list[str]:
+        text = self.machine.stderr_path.read_text(errors="replace")
+        return [
+            line
+            for line in text.splitlines()
+            if line.strip() and not any(re.search(p, line) for p in self.declared_stderr)
+        ]
+
+    async def map_data(
+        self, iova: int, gpa: int, size: int, *, write: bool = True, page_size: int = PAGE_4K
+    ) -> None:
+        await self.driver.map(self.domain, iova, gpa, size, write=write, page_size=page_size)
+
+
+async def start_rig(
+    vhost_user_backend: VhostUserBackendFactory,
+    launch: Launcher,
+    *,
+    ats: bool = False,
+    extra_devices: list[dict[str, Any]] | None = None,
+) -> VhostRig:
+    """QEMU with intel-iommu (caching mode, device-IOTLB) and the vhost-user virtio-net device
+    on a root port; vhost started with both rings mapped in domain DID. `ats`: the guest
+    enables ATS before DRIVER_OK, so vhost registers DEVIOTLB notifiers."""
+    net = await vhost_user_backend("net0")
+    spec = MachineSpec(
+        accel="qtest",
+        iommu={
+            "driver": "intel-iommu",
+            "caching-mode": True,
+            "device-iotlb": True,
+            "aw-bits": AW_BITS,
+        },
+        devices=[
+            {
+                "driver": "pcie-root-port",
+                "id": "rp0",
+                "bus": "pcie.0",
+                "addr": hex(PORT.dev),
+                "chassis": 1,
+                "slot": 1,
+            },
+            net.device_json(bus="rp0"),
+            *(extra_devices or []),
+        ],
+        extra_args=net.args(),
+        trace=TRACE,
+    )
+    machine = await launch(spec)
+    assert isinstance(machine, QTestMachine)
+    qtest = machine.qtest
+    cfg = PciConfig(qtest)
+    await cfg.set_bridge_buses(PORT, 1, 1)
+    await open_memory_window(cfg, PORT, MMIO_BASE, MMIO_LIMIT)
+    virtio = VirtioPciDevice(qtest, cfg, NET)
+    await virtio.assign_bars(MMIO_BASE)
+    await enable_memory_and_master(cfg, NET)
+    await virtio.probe()
+    ecam = Ecam(qtest)
+    await ecam.enable(cfg)
+    found = await Ats.find(ecam, NET)
+    assert found is not None, "virtio-net-pci with ats=on shows no ATS capability"
+
+    driver = VtdDriver(qtest, machine.ram)
+    await driver.init()
+    domain = driver.domain(DID)
+    rings = [RingLayout.at(RING_IOVA + q * 0x4000) for q in range(QUEUES)]
+    for q, ring in enumerate(rings):
+        await driver.map(domain, ring.desc, RING_GPA + q * 0x4000, ring.span)
+    await driver.attach_and_flush(NET, domain)
+    await driver.enable_translation()
+    rig = VhostRig(machine, net, cfg, driver, domain, virtio, found, rings)
+    if ats:
+        await found.set_enabled(True)
+    await virtio.reset()
+    await virtio.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_ACCESS_PLATFORM)
+    for q, ring in enumerate(rings):
+        await virtio.setup_queue(q, ring)
+    await virtio.driver_ok()  # vhost starts inside this write
+    await net.backend.wait_started()
+    return rig
+
+
+class VhostRigFactory(Protocol):
+    async def __call__(
+        self, *, ats: bool = False, extra_devices: list[dict[str, Any]] | None = None
+    ) -> VhostRig: ...
+
+
+@pytest.fixture
+async def vhost_rig(
+    vhost_user_backend: VhostUserBackendFactory, launch: Launcher
+) -> AsyncIterator[VhostRigFactory]:
+    """Factory of started VhostRigs; at teardown the backend saw no protocol error and QEMU's
+    stderr holds only what the case declared. The backend fixture comes first so that it
+    outlives QEMU (fixtures tear down in reverse order)."""
+    rigs: list[VhostRig] = []
+
+    async def make(
+        *, ats: bool = False, extra_devices: list[dict[str, Any]] | None = None
+    ) -> VhostRig:
+        rig = await start_rig(vhost_user_backend, launch, ats=ats, extra_devices=extra_devices)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        assert not rig.backend.errors, f"backend protocol errors: {rig.backend.errors}"
+        stray = rig.undeclared_stderr()
+        assert not stray, f"QEMU error lines the case did not declare: {stray}"
+
+
+# ---- vhost start ------------------------------------------------------------------------------
+
+
+async def test_vhost_start_fetches_exactly_the_used_rings(vhost_rig: VhostRigFactory) -> None:
+    """Pins vhost_dev_start with an IOMMU: the rings arrive as IOVAs (SET_VRING_ADDR), the
+    backend is not told any translation but the used rings' (one UPDATE each, the 4 KiB
+    leaf the case mapped, writable), and no INVALIDATE."""
+    rig = await vhost_rig()
+    connection = rig.backend.current
+    assert connection is not None
+    assert connection.features & 1 << WIRE_ACCESS_PLATFORM
+    for q, ring in enumerate(rig.rings):
+        addr = connection.vrings[q].addr
+        assert addr is not None
+        assert (addr.desc, addr.avail, addr.used) == ring.pages
+        assert connection.vrings[q].num == ring.size
+    expected = [
+        (IotlbType.UPDATE, ring.used, PAGE_4K, RING_GPA + q * 0x4000 + 0x2000, Access.RW)
+        for q, ring in enumerate(rig.rings)
+    ]
+    got = [(e.type, e.iova, e.size, e.gpa, e.perm) for e in rig.backend.record]
+    assert got == expected, show(rig.backend.record)
+
+
+# ---- UNMAP-only notifier ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("addr", "am"),
+    [
+        (0x2000_0000, 0),
+        (0x2000_0000, 3),  # masked: 8 pages
+        (0x4000_0000, 9),  # one 2 MiB block
+        (0x1_0000_0000, 0),  # above the interrupt window: the upper notifier
+        (0xFE00_0000, 13),  # 32 MiB straddling the window: both notifiers, cropped
+    ],
+    ids=["4k", "masked-32k", "masked-2m", "upper-section", "straddling-window"],
+)
+async def test_psi_reaches_unmap_notifier_as_its_range(
+    vhost_rig: VhostRigFactory,
+    addr: int,
+    am: int,
+) -> None:
+    """Pins vtd_iotlb_page_invalidate_notify for a notifier without MAP: no page walk, the
+    PSI's own range, cropped to each notifier's section, nothing else."""
+    rig = await vhost_rig()
+    mark = rig.backend.mark
+    await rig.driver.iotlb_psi(DID, addr, am)
+    events = rig.since(mark)
+    assert all(e.type is IotlbType.INVALIDATE for e in events), show(events)
+    assert len(events) == len(cropped(addr, PAGE_4K << am)), show(events)
+    assert set(ranges(events)) == cropped(addr, PAGE_4K << am), show(events)
+
+
+async def test_psi_of_another_domain_reaches_nothing(vhost_rig: VhostRigFactory) -> None:
+    """A PSI names a domain id: the device's domain is DID, so DID+1's PSI is not for it."""
+    rig = await vhost_rig()
+    mark = rig.backend.mark
+    await rig.driver.iotlb_psi(DID + 1, 0x2000_0000, 0)
+    assert rig.since(mark) == []
+
+
+@pytest.mark.parametrize("scope", ["domain", "global", "cc-device", "flush-context"])
+async def test_wide_invalidation_reaches_unmap_notifier_as_whole_sections(
+    vhost_rig: VhostRigFactory,
+    scope: str,
+) -> None:
+    """Pins vtd_address_space_sync for a notifier without MAP: DSI, global IOTLB and a
+    device's context-cache invalidation each invalidate both notifiers' whole ranges,
+    once."""
+    rig = await vhost_rig()
+    d = rig.driver
+    mark = rig.backend.mark
+    if scope == "domain":
+        await d.iotlb_domain(DID)
+    elif scope == "global":
+        await d.iotlb_global()
+    elif scope == "cc-device":
+        await d.cc_device(NET, DID)
+    else:  # context-cache for the device, then the domain's IOTLB: two syncs
+        await d.flush_context(NET, DID)
+    events = rig.since(mark)
+    assert all(e.type is IotlbType.INVALIDATE for e in events), show(events)
+    per_sync = sorted(whole_sections())
+    syncs = 2 if scope == "flush-context" else 1
+    assert sorted(ranges(events)) == sorted(per_sync * syncs), show(events)
+
+
+def covers(events: list[IotlbEvent], start: int, end: int) -> bool:
+    """The union of the events' ranges covers [start, end)."""
+    at = start
+    for iova, size in sorted(ranges(events)):
+        if iova > at:
+            return False
+        at = max(at, iova + size)
+    return at >= end
+
+
+@pytest.mark.parametrize("scope", ["cc-domain", "cc-global"])
+async def test_context_cache_flush_covers_each_section_and_stays_inside_it(
+    vhost_rig: VhostRigFactory,
+    scope: str,
+) -> None:
+    """A domain or global context-cache invalidation may move the device anywhere: every
+    INVALIDATE lies inside one notifier's section and together they cover both sections."""
+    rig = await vhost_rig()
+    mark = rig.backend.mark
+    if scope == "cc-domain":
+        await rig.driver.cc_domain(DID)
+    else:
+        await rig.driver.cc_global()
+    events = rig.since(mark)
+    assert events
+    assert all(e.type is IotlbType.INVALIDATE for e in events), show(events)
+    for event in events:
+        assert any(s <= event.iova and event.end <= e for s, e in SECTIONS), event.describe()
+    for start, end in SECTIONS:
+        inside = [e for e in events if start <= e.iova < end]
+        assert covers(inside, start, end), f"section {start:#x}-{end:#x}:\n{show(inside)}"
+
+
+async def test_device_iotlb_does_not_reach_unmap_notifier(vhost_rig: VhostRigFactory) -> None:
+    """ATS is off: the notifier is UNMAP-only, and a device-IOTLB descriptor is not an
+    IOTLB invalidation (memory_region_notify_iommu_one checks the event type)."""
+    rig = await vhost_rig()
+    assert not await rig.ats.enabled()
+    mark = rig.backend.mark
+    await rig.driver.dev_iotlb(NET, 0x2000_0000, 4)
+    await rig.driver.dev_iotlb(NET, 0x1_0000_0000, 1)
+    assert rig.since(mark) == []
+
+
+# ---- DEVIOTLB_UNMAP notifier (ATS enabled by the guest) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("addr", "pages"),
+    [(0x2000_0000, 1), (0x2000_0000, 4), (0x4000_0000, 512), (0x1_0000_0000, 16)],
+    ids=["4k", "16k", "2m", "upper-section"],
+)
+async def test_device_iotlb_reaches_deviotlb_notifier_as_its_ats_range(
+    vhost_rig: VhostRigFactory,
+    addr: int,
+    pages: int,
+) -> None:
+    """Pins vtd_process_device_iotlb_desc: the descriptor's range (S bit and address
+    low bits encode 2^n pages) reaches the device's DEVIOTLB notifier, cropped to its
+    section."""
+    rig = await vhost_rig(ats=True)
+    mark = rig.backend.mark
+    await rig.driver.dev_iotlb(NET, addr, pages)
+    events = rig.since(mark)
+    span = pages * PAGE_4K
+    assert all(e.type is IotlbType.INVALIDATE for e in events), show(events)
+    assert ranges(events) == sorted(cropped(addr & ~(span - 1), span)), show(events)
+
+
+async def test_iotlb_invalidations_do_not_reach_deviotlb_notifier(
+    vhost_rig: VhostRigFactory,
+) -> None:
+    """With ATS enabled vhost registers DEVIOTLB_UNMAP only: PSI, DSI, global IOTLB and
+    every context-cache scope are not device-IOTLB events; a device-IOTLB descriptor for
+    another requester id is not for this device."""
+    rig = await vhost_rig(ats=True)
+    d = rig.driver
+    mark = rig.backend.mark
+    await d.iotlb_psi(DID, 0x2000_0000, 0)
+    await d.iotlb_psi(DID, 0xFE00_0000, 13)
+    await d.iotlb_domain(DID)
+    await d.iotlb_global()
+    await d.cc_device(NET, DID)
+    await d.cc_domain(DID)
+    await d.cc_global()
+    await d.dev_iotlb(OTHER, 0x2000_0000, 1)
+    assert rig.since(mark) == [], show(rig.since(mark))
+
+
+async def test_toggling_ats_re_registers_the_notifier_without_replay(
+    vhost_rig: VhostRigFactory,
+) -> None:
+    """Pins vhost_toggle_device_iotlb (virtio-net): the guest's ATS enable bit switches
+    vhost's notifiers between UNMAP and DEVIOTLB_UNMAP while vhost runs, and the
+    re-registration itself sends nothing (no replay to an invalidation-only notifier)."""
+    rig = await vhost_rig()
+    d = rig.driver
+    psi = cropped(0x2000_0000, PAGE_4K)
+    dev = cropped(0x3000_0000, 4 * PAGE_4K)
+
+    async def observe() -> tuple[set[Range], set[Range]]:
+        mark = rig.backend.mark
+        await d.iotlb_psi(DID, 0x2000_0000, 0)
+        after_psi = rig.backend.mark
+        await d.dev_iotlb(NET, 0x3000_0000, 4)
+        return set(ranges(rig.since(mark)[: after_psi - mark])), set(ranges(rig.since(after_psi)))
+
+    assert await observe() == (psi, set())
+    for on, expected in ((True, (set(), dev)), (False, (psi, set())), (True, (set(), dev))):
+        mark = rig.backend.mark
+        await rig.ats.set_enabled(on)
+        assert rig.since(mark) == [], f"ATS {on}: {show(rig.since(mark))}"
+        assert await observe() == expected, f"after ATS {'on' if on else 'off'}"
+
+
+# ---- translations on MISS ---------------------------------------------------------------------
+
+
+async def test_miss_on_4k_leaf_translates_to_the_programmed_page(
+    vhost_rig: VhostRigFactory,
+) -> None:
+    """The UPDATE for a MISS is the 4 KiB leaf: page-aligned IOVA, one page, the GPA the case
+    wrote (through the memory table), writable as mapped."""
+    rig = await vhost_rig()
+    await rig.map_data(DATA_IOVA, DATA_GPA, PAGE_4K)
+    result = await rig.backend.translate(DATA_IOVA + 0x123, Access.RO)
+    assert isinstance(result, Translation), result
+    assert result.gpa == DATA_GPA + 0x123
+    update = result.update
+    assert (update.iova, update.size, update.gpa) == (DATA_IOVA, PAGE_4K, DATA_GPA)
+    assert update.perm is Access.RW
+
+
+async def test_miss_on_2m_leaf_translates_to_the_whole_leaf(vhost_rig: VhostRigFactory) -> None:
+    rig = await vhost_rig()
+    iova, gpa = DATA_IOVA + PAGE_2M, DATA_GPA + PAGE_2M
+    await rig.map_data(iova, gpa, PAGE_2M, page_size=PAGE_2M)
+    result = await rig.backend.translate(iova + 0x12345, Access.WO)
+    assert isinstance(result, Translation), result
+    assert result.gpa == gpa + 0x12345
+    update = result.update
+    assert (update.iova, update.size, update.gpa, update.perm) == (iova, PAGE_2M, gpa, Access.RW)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "QEMU 11.1.3 hands out read-only VT-d entries as RW: address_space_get_iotlb_entry "
+        "(system/physmem.c) returns perm = IOMMU_RW for every translation ('IOTLBs are for "
+        "DMAs, and DMA only allows on RAMs') and vhost_device_iotlb_miss (hw/virtio/vhost.c) "
+        "forwards it as VHOST_ACCESS_RW: the backend may write a page the guest mapped "
+        "read-only. Trace: 'vtd_iotlb_page_update IOTLB page update sid 0x100 iova "
+        "0x40001010 slpte 0x4001001 domain 0x1' (R, no W); backend record: 'MISS iova "
+        "0x40001010 RO' answered 'UPDATE iova 0x40001000+0x1000 (gpa 0x4001000) RW'."
+    ),
+)
+async def test_miss_on_read_only_leaf_is_read_only(vhost_rig: VhostRigFactory) -> None:
+    rig = await vhost_rig()
+    await rig.map_data(DATA_IOVA + PAGE_4K, DATA_GPA + PAGE_4K, PAGE_4K, write=False)
+    result = await rig.backend.translate(DATA_IOVA + PAGE_4K + 0x10, Access.RO)
+    assert isinstance(result, Translation), result
+    assert result.gpa == DATA_GPA + PAGE_4K + 0x10
+    assert result.perm is Access.RO, result.update.describe()
+
+
+@pytest.mark.parametrize("perm", [Access.WO, Access.RW])
+async def test_write_miss_on_read_only_leaf_gets_no_translation(
+    vhost_rig: VhostRigFactory,
+    perm: Access,
+) -> None:
+    """A write access to a read-only entry is a DMA fault: no UPDATE, QEMU acks the MISS
+    with failure."""
+    rig = await vhost_rig()
+    rig.expect_stderr(r"vtd_iova_to_sspte: detected sspte permission error", r"Interrupt Mask")
+    rig.expect_stderr(r"vtd_iommu_translate: detected translation failure")
+    await rig.map_data(DATA_IOVA, DATA_GPA, PAGE_4K, write=False)
+    mark = rig.backend.mark
+    result = await rig.backend.translate(DATA_IOVA, perm)
+    assert isinstance(result, NoTranslation), result
+    assert rig.since(mark, IotlbType.UPDATE) == []
+
+
+async def test_miss_on_unmapped_iova_gets_no_translation(vhost_rig: VhostRigFactory) -> None:
+    rig = await vhost_rig()
+    rig.expect_stderr(r"vtd_iova_to_sspte: detected", r"Interrupt Mask")
+    rig.expect_stderr(r"vtd_iommu_translate: detected translation failure")
+    mark = rig.backend.mark
+    result = await rig.backend.translate(UNMAPPED, Access.RO)
+    assert isinstance(result, NoTranslation), result
+    assert result.reply not in (None, 0), "QEMU should ack the failed MISS with non-zero"
+    assert [e.type for e in rig.since(mark)] == [IotlbType.MISS]
+
+
+async def test_unmap_invalidates_the_translation_before_the_wait_completes(
+    vhost_rig: VhostRigFactory,
+) -> None:
+    """Safety: a translation the backend holds is covered by an INVALIDATE before the
+    guest's wait descriptor completes, and a MISS afterwards gets no translation."""
+    rig = await vhost_rig()
+    rig.expect_stderr(r"vtd_iova_to_sspte: detected", r"Interrupt Mask")
+    rig.expect_stderr(r"vtd_iommu_translate: detected translation failure")
+    await rig.map_data(DATA_IOVA, DATA_GPA, 4 * PAGE_4K)
+    held = await rig.backend.translate(DATA_IOVA + PAGE_4K, Access.RO)
+    assert isinstance(held, Translation), held
+    mark = rig.backend.mark
+    await rig.driver.unmap(rig.domain, DATA_IOVA, 4 * PAGE_4K)  # returns after the wait
+    invalidations = rig.since(mark, IotlbType.INVALIDATE)
+    update = held.update
+    assert covers(
+        [e for e in invalidations if e.iova <= update.iova < e.end], update.iova, update.end
+    ), show(invalidations)
+    again = await rig.backend.translate(DATA_IOVA + PAGE_4K, Access.RO)
+    assert isinstance(again, NoTranslation), again
+
+
+async def test_miss_is_recorded_in_order_with_its_update(vhost_rig: VhostRigFactory) -> None:
+    """The record interleaves both directions: MISS (backend -> QEMU) then UPDATE."""
+    rig = await vhost_rig()
+    await rig.map_data(DATA_IOVA, DATA_GPA, PAGE_4K)
+    mark = rig.backend.mark
+    await rig.backend.translate(DATA_IOVA, Access.RO)
+    events = rig.since(mark)
+    assert [(e.direction, e.type) for e in events] == [
+        (Direction.TO_QEMU, IotlbType.MISS),
+        (Direction.FROM_QEMU, IotlbType.UPDATE),
+    ]
+    assert [e.seq for e in events] == [mark, mark + 1]
