@@ -30,6 +30,16 @@ from typing import Any, Protocol
 
 import pytest
 
+from fixtures.oracle.iotlb_rules import (
+    Consumer,
+    Invalidation,
+    Leaf,
+    NotifierKind,
+    Scope,
+    check_translation,
+    check_unsolicited_updates,
+    check_window,
+)
 from fixtures.plugins.harness import Launcher
 from fixtures.plugins.vhost_user import VhostUserBackendFactory, VhostUserNet
 from fixtures.qemu.pci_config import Bdf, PciConfig
@@ -107,6 +117,41 @@ class VhostRig:
     ats: Ats
     rings: list[RingLayout]
     declared_stderr: list[str] = field(default_factory=list)
+    ats_on: bool = False
+
+    @property
+    def consumer(self) -> Consumer:
+        kind = NotifierKind.DEVIOTLB_UNMAP if self.ats_on else NotifierKind.UNMAP
+        return Consumer(kind, domain=DID, sid=NET.bus << 8 | NET.devfn)
+
+    async def set_ats(self, on: bool) -> None:
+        await self.ats.set_enabled(on)
+        self.ats_on = on
+
+    async def submit(self, inv: Invalidation) -> list[IotlbEvent]:
+        """Queue one descriptor (and its wait); return what the backend was told meanwhile,
+        judged by the oracle's invalidation-only notifier rules."""
+        d = self.driver
+        mark = self.backend.mark
+        bdf = Bdf((inv.sid or 0) >> 8, ((inv.sid or 0) & 0xFF) >> 3, (inv.sid or 0) & 7)
+        if inv.scope is Scope.PSI:
+            await d.iotlb_psi(inv.domain or 0, inv.addr, inv.am)
+        elif inv.scope is Scope.DSI:
+            await d.iotlb_domain(inv.domain or 0)
+        elif inv.scope is Scope.GLOBAL:
+            await d.iotlb_global()
+        elif inv.scope is Scope.CC_DEVICE:
+            await d.cc_device(bdf, inv.domain or 0)
+        elif inv.scope is Scope.CC_DOMAIN:
+            await d.cc_domain(inv.domain or 0)
+        elif inv.scope is Scope.CC_GLOBAL:
+            await d.cc_global()
+        else:
+            await d.dev_iotlb(bdf, inv.addr, inv.pages)
+        events = self.since(mark)
+        broken = check_window(inv, events, self.consumer)
+        assert not broken, "\n".join(v.describe() for v in broken) + "\n" + show(events)
+        return events
 
     @property
     def backend(self) -> VhostUserBackend:
@@ -192,7 +237,7 @@ async def start_rig(
     await driver.enable_translation()
     rig = VhostRig(machine, net, cfg, driver, domain, virtio, found, rings)
     if ats:
-        await found.set_enabled(True)
+        await rig.set_ats(True)
     await virtio.reset()
     await virtio.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_ACCESS_PLATFORM)
     for q, ring in enumerate(rings):
@@ -227,6 +272,9 @@ async def vhost_rig(
     yield make
     for rig in rigs:
         assert not rig.backend.errors, f"backend protocol errors: {rig.backend.errors}"
+        used = [ring.used for ring in rig.rings]
+        unasked = check_unsolicited_updates(rig.backend.record, allowed=used)
+        assert not unasked, "\n".join(v.describe() for v in unasked)
         stray = rig.undeclared_stderr()
         assert not stray, f"QEMU error lines the case did not declare: {stray}"
 
@@ -277,9 +325,7 @@ async def test_psi_reaches_unmap_notifier_as_its_range(
     """Pins vtd_iotlb_page_invalidate_notify for a notifier without MAP: no page walk, the
     PSI's own range, cropped to each notifier's section, nothing else."""
     rig = await vhost_rig()
-    mark = rig.backend.mark
-    await rig.driver.iotlb_psi(DID, addr, am)
-    events = rig.since(mark)
+    events = await rig.submit(Invalidation(Scope.PSI, domain=DID, addr=addr, am=am))
     assert all(e.type is IotlbType.INVALIDATE for e in events), show(events)
     assert len(events) == len(cropped(addr, PAGE_4K << am)), show(events)
     assert set(ranges(events)) == cropped(addr, PAGE_4K << am), show(events)
@@ -288,9 +334,7 @@ async def test_psi_reaches_unmap_notifier_as_its_range(
 async def test_psi_of_another_domain_reaches_nothing(vhost_rig: VhostRigFactory) -> None:
     """A PSI names a domain id: the device's domain is DID, so DID+1's PSI is not for it."""
     rig = await vhost_rig()
-    mark = rig.backend.mark
-    await rig.driver.iotlb_psi(DID + 1, 0x2000_0000, 0)
-    assert rig.since(mark) == []
+    assert await rig.submit(Invalidation(Scope.PSI, domain=DID + 1, addr=0x2000_0000)) == []
 
 
 @pytest.mark.parametrize("scope", ["domain", "global", "cc-device", "flush-context"])
@@ -302,17 +346,17 @@ async def test_wide_invalidation_reaches_unmap_notifier_as_whole_sections(
     device's context-cache invalidation each invalidate both notifiers' whole ranges,
     once."""
     rig = await vhost_rig()
-    d = rig.driver
-    mark = rig.backend.mark
+    sid = NET.bus << 8 | NET.devfn
     if scope == "domain":
-        await d.iotlb_domain(DID)
+        events = await rig.submit(Invalidation(Scope.DSI, domain=DID))
     elif scope == "global":
-        await d.iotlb_global()
+        events = await rig.submit(Invalidation(Scope.GLOBAL))
     elif scope == "cc-device":
-        await d.cc_device(NET, DID)
+        events = await rig.submit(Invalidation(Scope.CC_DEVICE, domain=DID, sid=sid))
     else:  # context-cache for the device, then the domain's IOTLB: two syncs
-        await d.flush_context(NET, DID)
-    events = rig.since(mark)
+        mark = rig.backend.mark
+        await rig.driver.flush_context(NET, DID)
+        events = rig.since(mark)
     assert all(e.type is IotlbType.INVALIDATE for e in events), show(events)
     per_sync = sorted(whole_sections())
     syncs = 2 if scope == "flush-context" else 1
@@ -337,12 +381,10 @@ async def test_context_cache_flush_covers_each_section_and_stays_inside_it(
     """A domain or global context-cache invalidation may move the device anywhere: every
     INVALIDATE lies inside one notifier's section and together they cover both sections."""
     rig = await vhost_rig()
-    mark = rig.backend.mark
     if scope == "cc-domain":
-        await rig.driver.cc_domain(DID)
+        events = await rig.submit(Invalidation(Scope.CC_DOMAIN, domain=DID))
     else:
-        await rig.driver.cc_global()
-    events = rig.since(mark)
+        events = await rig.submit(Invalidation(Scope.CC_GLOBAL))
     assert events
     assert all(e.type is IotlbType.INVALIDATE for e in events), show(events)
     for event in events:
@@ -357,10 +399,10 @@ async def test_device_iotlb_does_not_reach_unmap_notifier(vhost_rig: VhostRigFac
     IOTLB invalidation (memory_region_notify_iommu_one checks the event type)."""
     rig = await vhost_rig()
     assert not await rig.ats.enabled()
-    mark = rig.backend.mark
-    await rig.driver.dev_iotlb(NET, 0x2000_0000, 4)
-    await rig.driver.dev_iotlb(NET, 0x1_0000_0000, 1)
-    assert rig.since(mark) == []
+    sid = NET.bus << 8 | NET.devfn
+    for addr, pages in ((0x2000_0000, 4), (0x1_0000_0000, 1)):
+        dev = Invalidation(Scope.DEV_IOTLB, sid=sid, addr=addr, pages=pages)
+        assert await rig.submit(dev) == []
 
 
 # ---- DEVIOTLB_UNMAP notifier (ATS enabled by the guest) ------------------------------------------
@@ -380,9 +422,8 @@ async def test_device_iotlb_reaches_deviotlb_notifier_as_its_ats_range(
     low bits encode 2^n pages) reaches the device's DEVIOTLB notifier, cropped to its
     section."""
     rig = await vhost_rig(ats=True)
-    mark = rig.backend.mark
-    await rig.driver.dev_iotlb(NET, addr, pages)
-    events = rig.since(mark)
+    sid = NET.bus << 8 | NET.devfn
+    events = await rig.submit(Invalidation(Scope.DEV_IOTLB, sid=sid, addr=addr, pages=pages))
     span = pages * PAGE_4K
     assert all(e.type is IotlbType.INVALIDATE for e in events), show(events)
     assert ranges(events) == sorted(cropped(addr & ~(span - 1), span)), show(events)
@@ -395,17 +436,19 @@ async def test_iotlb_invalidations_do_not_reach_deviotlb_notifier(
     every context-cache scope are not device-IOTLB events; a device-IOTLB descriptor for
     another requester id is not for this device."""
     rig = await vhost_rig(ats=True)
-    d = rig.driver
-    mark = rig.backend.mark
-    await d.iotlb_psi(DID, 0x2000_0000, 0)
-    await d.iotlb_psi(DID, 0xFE00_0000, 13)
-    await d.iotlb_domain(DID)
-    await d.iotlb_global()
-    await d.cc_device(NET, DID)
-    await d.cc_domain(DID)
-    await d.cc_global()
-    await d.dev_iotlb(OTHER, 0x2000_0000, 1)
-    assert rig.since(mark) == [], show(rig.since(mark))
+    sid = NET.bus << 8 | NET.devfn
+    other = OTHER.bus << 8 | OTHER.devfn
+    for inv in (
+        Invalidation(Scope.PSI, domain=DID, addr=0x2000_0000),
+        Invalidation(Scope.PSI, domain=DID, addr=0xFE00_0000, am=13),
+        Invalidation(Scope.DSI, domain=DID),
+        Invalidation(Scope.GLOBAL),
+        Invalidation(Scope.CC_DEVICE, domain=DID, sid=sid),
+        Invalidation(Scope.CC_DOMAIN, domain=DID),
+        Invalidation(Scope.CC_GLOBAL),
+        Invalidation(Scope.DEV_IOTLB, sid=other, addr=0x2000_0000),
+    ):
+        assert await rig.submit(inv) == [], inv.describe()
 
 
 async def test_toggling_ats_re_registers_the_notifier_without_replay(
@@ -415,21 +458,22 @@ async def test_toggling_ats_re_registers_the_notifier_without_replay(
     vhost's notifiers between UNMAP and DEVIOTLB_UNMAP while vhost runs, and the
     re-registration itself sends nothing (no replay to an invalidation-only notifier)."""
     rig = await vhost_rig()
-    d = rig.driver
     psi = cropped(0x2000_0000, PAGE_4K)
     dev = cropped(0x3000_0000, 4 * PAGE_4K)
+    sid = NET.bus << 8 | NET.devfn
 
     async def observe() -> tuple[set[Range], set[Range]]:
-        mark = rig.backend.mark
-        await d.iotlb_psi(DID, 0x2000_0000, 0)
-        after_psi = rig.backend.mark
-        await d.dev_iotlb(NET, 0x3000_0000, 4)
-        return set(ranges(rig.since(mark)[: after_psi - mark])), set(ranges(rig.since(after_psi)))
+        """What a PSI and a device-IOTLB invalidation reach now (each judged by the rules of
+        the notifier kind the ATS bit selects)."""
+        by_psi = await rig.submit(Invalidation(Scope.PSI, domain=DID, addr=0x2000_0000))
+        dev_inv = Invalidation(Scope.DEV_IOTLB, sid=sid, addr=0x3000_0000, pages=4)
+        by_dev = await rig.submit(dev_inv)
+        return set(ranges(by_psi)), set(ranges(by_dev))
 
     assert await observe() == (psi, set())
     for on, expected in ((True, (set(), dev)), (False, (psi, set())), (True, (set(), dev))):
         mark = rig.backend.mark
-        await rig.ats.set_enabled(on)
+        await rig.set_ats(on)
         assert rig.since(mark) == [], f"ATS {on}: {show(rig.since(mark))}"
         assert await observe() == expected, f"after ATS {'on' if on else 'off'}"
 
@@ -450,6 +494,7 @@ async def test_miss_on_4k_leaf_translates_to_the_programmed_page(
     update = result.update
     assert (update.iova, update.size, update.gpa) == (DATA_IOVA, PAGE_4K, DATA_GPA)
     assert update.perm is Access.RW
+    assert check_translation(update, Leaf(DATA_IOVA, PAGE_4K, DATA_GPA, True, True)) == []
 
 
 async def test_miss_on_2m_leaf_translates_to_the_whole_leaf(vhost_rig: VhostRigFactory) -> None:
@@ -461,6 +506,7 @@ async def test_miss_on_2m_leaf_translates_to_the_whole_leaf(vhost_rig: VhostRigF
     assert result.gpa == gpa + 0x12345
     update = result.update
     assert (update.iova, update.size, update.gpa, update.perm) == (iova, PAGE_2M, gpa, Access.RW)
+    assert check_translation(update, Leaf(iova, PAGE_2M, gpa, True, True)) == []
 
 
 @pytest.mark.xfail(
@@ -481,7 +527,9 @@ async def test_miss_on_read_only_leaf_is_read_only(vhost_rig: VhostRigFactory) -
     result = await rig.backend.translate(DATA_IOVA + PAGE_4K + 0x10, Access.RO)
     assert isinstance(result, Translation), result
     assert result.gpa == DATA_GPA + PAGE_4K + 0x10
-    assert result.perm is Access.RO, result.update.describe()
+    leaf = Leaf(DATA_IOVA + PAGE_4K, PAGE_4K, DATA_GPA + PAGE_4K, read=True, write=False)
+    broken = check_translation(result.update, leaf)
+    assert not broken, "; ".join(v.describe() for v in broken)
 
 
 @pytest.mark.parametrize("perm", [Access.WO, Access.RW])
