@@ -25,10 +25,11 @@ With VIOMMU_FUZZ_STATS=path the case writes {"ops", "seconds", "fuzz_ops_per_s",
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,9 +45,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from fixtures.oracle.expected_state import Range
 from fixtures.qemu.pci_config import Bdf
 from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
-from fixtures.vtd.page_tables import PAGE_2M, PAGE_4K
+from fixtures.vtd.page_tables import PAGE_2M, PAGE_4K, SecondLevelTables
 
 pytestmark = pytest.mark.qtest
 
@@ -57,18 +59,38 @@ IOVA_BASE = 0x1_0000_0000
 REGIONS = 3  # 2 MiB IOVA regions per domain: small, so operations collide
 GPA_PAGES = 0x2000  # 32 MiB of target pages above DATA_BASE
 DOMAINS = (1, 2)
-# p-iotlb-* are PASID-based IOTLB descriptors; in legacy mode they fall back to psi / dsi.
-SCOPES = (
-    "psi",
-    "psi-region",
-    "dsi",
-    "global",
-    "cc-domain",
-    "cc-global",
-    "p-iotlb-psi",
-    "p-iotlb-pasid",
+
+
+class Scope(enum.Enum):
+    """How a table edit (or a no-op) is flushed."""
+
+    PSI = "psi"  # page-selective IOTLB invalidations covering the change
+    PSI_REGION = "psi-region"  # one PSI wider than the change: the whole 2 MiB region
+    DSI = "dsi"  # domain-selective IOTLB
+    GLOBAL = "global"  # global IOTLB
+    CC_DOMAIN = "cc-domain"  # domain-selective context cache
+    CC_GLOBAL = "cc-global"  # global context cache
+    P_IOTLB_PSI = "p-iotlb-psi"  # PASID-based IOTLB page-selective (scalable mode)
+    P_IOTLB_PASID = "p-iotlb-pasid"  # PASID-based IOTLB PASID-selective (scalable mode)
+
+
+# In legacy mode there are no PASID-based descriptors: their legacy counterparts instead.
+LEGACY_EQUIVALENT = {Scope.P_IOTLB_PSI: Scope.PSI, Scope.P_IOTLB_PASID: Scope.DSI}
+# IOTLB scopes: they sync a changed translation as UNMAP then MAP of it, nothing else, and
+# an invalidation of them that changes nothing produces no traffic. A context-cache scope is
+# not for flushing page-table edits: QEMU unmaps the whole address space and replays it (the
+# state check still runs).
+IOTLB_SCOPES = frozenset(
+    {
+        Scope.PSI,
+        Scope.PSI_REGION,
+        Scope.DSI,
+        Scope.GLOBAL,
+        Scope.P_IOTLB_PSI,
+        Scope.P_IOTLB_PASID,
+    }
 )
-NOOP_SCOPES = ("psi", "dsi", "global", "p-iotlb-psi", "p-iotlb-pasid")  # silent when unchanged
+SCOPES = st.sampled_from(Scope)
 # VIOMMU_FUZZ_KNOWN_BUGS=1: also split live leaves in place (finds and shrinks the known bug).
 KNOWN_BUGS = os.environ.get("VIOMMU_FUZZ_KNOWN_BUGS") == "1"
 
@@ -95,6 +117,32 @@ class FuzzStats:
 
 def region_iova(region: int) -> int:
     return IOVA_BASE + region * PAGE_2M
+
+
+# One 4 KiB page's translation as the host sees it: the leaf it belongs to and where it goes.
+PageState = tuple[int, int, int, bool, bool]  # (leaf iova, leaf size, gpa, read, write)
+
+
+def pages_of(tables: SecondLevelTables, iova: int, size: int) -> dict[int, PageState]:
+    """Every mapped 4 KiB page of [iova, iova+size) in a domain's tables (the driver's own
+    record of what it wrote)."""
+    out: dict[int, PageState] = {}
+    for leaf in tables.leaves():
+        lo, hi = max(leaf.iova, iova), min(leaf.iova + leaf.size, iova + size)
+        for page in range(lo, hi, PAGE_4K):
+            out[page] = (leaf.iova, leaf.size, leaf.gpa + page - leaf.iova, leaf.read, leaf.write)
+    return out
+
+
+def runs(pages: Iterable[int]) -> list[Range]:
+    """Sorted 4 KiB pages as (iova, size) runs."""
+    out: list[Range] = []
+    for page in sorted(pages):
+        if out and out[-1][0] + out[-1][1] == page:
+            out[-1] = (out[-1][0], out[-1][1] + PAGE_4K)
+        else:
+            out.append((page, PAGE_4K))
+    return out
 
 
 class VtdStateMachine(RuleBasedStateMachine):
@@ -129,36 +177,91 @@ class VtdStateMachine(RuleBasedStateMachine):
     def attached(self) -> list[str]:
         return [n for n, d in self.r.devices.items() if d.present]
 
-    async def _flush(self, did: int, iova: int, size: int, scope: str) -> None:
+    def scope(self, scope: Scope) -> Scope:
+        return LEGACY_EQUIVALENT.get(scope, scope) if not self.r.scalable else scope
+
+    async def _flush(self, did: int, iova: int, size: int, scope: Scope) -> None:
         driver = self.r.driver
-        if scope.startswith("p-iotlb") and not self.r.scalable:
-            scope = "psi" if scope == "p-iotlb-psi" else "dsi"
-        if scope == "p-iotlb-psi":
-            await driver.flush_range(driver.domain(did), iova, size)
-        elif scope == "p-iotlb-pasid":
-            await driver.piotlb_pasid(did, 0)
-        elif scope == "psi":
-            await driver.iotlb_range(did, iova, size)
-        elif scope == "psi-region":  # one PSI wider than the change: the whole 2 MiB region
-            await driver.iotlb_psi(did, iova - (iova - IOVA_BASE) % PAGE_2M, 9)
-        elif scope == "dsi":
-            await driver.iotlb_domain(did)
-        elif scope == "global":
-            await driver.iotlb_global()
-        elif scope == "cc-domain":
-            await driver.cc_domain(did)
-        else:
-            await driver.cc_global()
+        match self.scope(scope):
+            case Scope.P_IOTLB_PSI:
+                await driver.flush_range(driver.domain(did), iova, size)
+            case Scope.P_IOTLB_PASID:
+                await driver.piotlb_pasid(did, 0)
+            case Scope.PSI:
+                await driver.iotlb_range(did, iova, size)
+            case Scope.PSI_REGION:
+                await driver.iotlb_psi(did, iova - (iova - IOVA_BASE) % PAGE_2M, 9)
+            case Scope.DSI:
+                await driver.iotlb_domain(did)
+            case Scope.GLOBAL:
+                await driver.iotlb_global()
+            case Scope.CC_DOMAIN:
+                await driver.cc_domain(did)
+            case Scope.CC_GLOBAL:
+                await driver.cc_global()
+            case other:
+                raise ValueError(f"unknown invalidation scope {other!r}")
+
+    def translating(self, did: int) -> list[str]:
+        """Present devices whose DMA goes through domain `did`'s tables now."""
+        if not self.dmar:
+            return []
+        return [n for n in self.attached() if self.context.get(self.r.devices[n].bdf) == did]
+
+    def silent_elsewhere(self, scope: Scope) -> bool:
+        """An IOTLB invalidation reaches the devices of other domains without traffic (the
+        global flush's known whole-space UNMAPs of context-less devices aside)."""
+        scope = self.scope(scope)
+        return scope in IOTLB_SCOPES and not (scope is Scope.GLOBAL and self._unmaps_contextless())
 
     async def _change(
-        self, label: str, did: int, iova: int, size: int, scope: str, edit: Callable[[], None]
+        self, label: str, did: int, iova: int, size: int, scope: Scope, edit: Callable[[], None]
     ) -> None:
+        """Edit domain `did`'s tables within [iova, iova+size) and flush them with `scope`, in
+        the window that says what happened: pages whose translation was replaced or removed
+        are a change window for the devices translating through the domain (UNMAP first,
+        nothing outside those pages), devices elsewhere stay quiet; an edit that only adds
+        pages is an ordinary step (the state check), one that changes nothing a no-op."""
+        tables = self.r.driver.domain(did).tables
+        before = pages_of(tables, iova, size)
         start = self.r.driver.invalidations
-        async with self.r.step(f"{label} [{scope}]"):
-            edit()
+        edit()
+        after = pages_of(tables, iova, size)
+        changed = [p for p, was in before.items() if after.get(p) != was]
+        added = [p for p in after if p not in before]
+        devices = self.translating(did)
+        others = [n for n in self.attached() if n not in devices]
+        quiet = others if self.silent_elsewhere(scope) else []
+        title = f"{label} [{self.scope(scope).value}]"
+        if changed and devices and self.scope(scope) in IOTLB_SCOPES:
+            # A new leaf beside the replaced ones would be MAPped outside the changed pages.
+            lonely = {after[p][:2] for p in added} - {after[p][:2] for p in changed if p in after}
+            if lonely:
+                raise AssertionError(f"{title}: new leaves {lonely} beside replaced ones")
+            step = self.r.change_step(
+                title,
+                runs(changed),
+                devices,
+                remapped=all(p in after for p in changed),
+                quiet=quiet,
+            )
+        elif not changed and not added and self.silent_elsewhere(scope):
+            step = self.r.noop_step(title)
+        else:
+            step = self.r.step(title)
+        async with step:
             await self._flush(did, iova, size, scope)
         self.stats.ops += self.r.driver.invalidations - start
         self.stats.steps += 1
+
+    def change(
+        self, label: str, did: int, iova: int, size: int, scope: Scope, edit: Callable[[], None]
+    ) -> None:
+        self.run(self._change(label, did, iova, size, scope, edit))
+
+    def regions(self, *kinds: str | None) -> list[tuple[int, int]]:
+        """(domain, region) pairs whose content is one of `kinds`."""
+        return [(d, r) for d in DOMAINS for r in range(REGIONS) if self.kind.get((d, r)) in kinds]
 
     # ---- set-up ------------------------------------------------------------------------------
     @initialize(
@@ -204,172 +307,150 @@ class VtdStateMachine(RuleBasedStateMachine):
         self.run(stop())
 
     # ---- table edits, each flushed with a random covering scope -----------------------------
+    @precondition(lambda self: self.rig is not None and bool(self.regions(None, "4K")))
     @rule(
-        did=st.sampled_from(DOMAINS),
-        region=st.integers(0, REGIONS - 1),
+        data=st.data(),
         first=st.integers(0, 511),
         count=st.integers(1, 16),
         gpa_page=st.integers(0, GPA_PAGES - 16),
         write=st.booleans(),
-        scope=st.sampled_from(SCOPES),
+        scope=SCOPES,
     )
     def map_pages(
-        self, did: int, region: int, first: int, count: int, gpa_page: int, write: bool, scope: str
+        self, data: st.DataObject, first: int, count: int, gpa_page: int, write: bool, scope: Scope
     ) -> None:
-        """Map (or remap: whatever was there is overwritten) a run of 4 KiB pages."""
-        if self.kind.get((did, region)) == "2M":
-            return
+        """Map a run of 4 KiB pages in a region without a 2 MiB leaf: pages already mapped are
+        remapped (one step, a change window), the others newly mapped (a second step)."""
+        did, region = data.draw(st.sampled_from(self.regions(None, "4K")), label="region")
         count = min(count, 512 - first)
         iova = region_iova(region) + first * PAGE_4K
+        size = count * PAGE_4K
+        gpa = DATA_BASE + gpa_page * PAGE_4K
         tables = self.r.driver.domain(did).tables
         self.kind[(did, region)] = "4K"
-        self.run(
-            self._change(
-                f"map d{did} {iova:#x}+{count}p",
-                did,
-                iova,
-                count * PAGE_4K,
-                scope,
-                lambda: tables.map(
-                    iova, DATA_BASE + gpa_page * PAGE_4K, count * PAGE_4K, write=write
-                ),
-            )
-        )
+        mapped = list(pages_of(tables, iova, size))
+        new = [page for page in range(iova, iova + size, PAGE_4K) if page not in mapped]
 
-    @rule(
-        did=st.sampled_from(DOMAINS),
-        region=st.integers(0, REGIONS - 1),
-        first=st.integers(0, 511),
-        count=st.integers(1, 64),
-        scope=st.sampled_from(SCOPES),
-    )
-    def unmap_pages(self, did: int, region: int, first: int, count: int, scope: str) -> None:
-        if self.kind.get((did, region)) != "4K":
-            return
+        def write_runs(pages: list[int]) -> Callable[[], None]:
+            def edit() -> None:
+                for start, length in runs(pages):
+                    tables.map(start, gpa + start - iova, length, write=write)
+
+            return edit
+
+        label = f"d{did} {iova:#x}+{count}p"
+        if mapped:
+            self.change(f"remap {label}", did, iova, size, scope, write_runs(mapped))
+        if new:
+            self.change(f"map {label}", did, iova, size, scope, write_runs(new))
+
+    @precondition(lambda self: self.rig is not None and bool(self.regions("4K")))
+    @rule(data=st.data(), first=st.integers(0, 511), count=st.integers(1, 64), scope=SCOPES)
+    def unmap_pages(self, data: st.DataObject, first: int, count: int, scope: Scope) -> None:
+        did, region = data.draw(st.sampled_from(self.regions("4K")), label="region")
         count = min(count, 512 - first)
         iova = region_iova(region) + first * PAGE_4K
         tables = self.r.driver.domain(did).tables
-        self.run(
-            self._change(
-                f"unmap d{did} {iova:#x}+{count}p",
-                did,
-                iova,
-                count * PAGE_4K,
-                scope,
-                lambda: tables.unmap(iova, count * PAGE_4K),
-            )
+        self.change(
+            f"unmap d{did} {iova:#x}+{count}p",
+            did,
+            iova,
+            count * PAGE_4K,
+            scope,
+            lambda: tables.unmap(iova, count * PAGE_4K),
         )
 
+    @precondition(lambda self: self.rig is not None)
     @rule(
         did=st.sampled_from(DOMAINS),
         region=st.integers(0, REGIONS - 1),
         gpa_2m=st.integers(0, GPA_PAGES // 512 - 1),
         write=st.booleans(),
-        scope=st.sampled_from(SCOPES),
+        scope=SCOPES,
     )
-    def map_2m(self, did: int, region: int, gpa_2m: int, write: bool, scope: str) -> None:
+    def map_2m(self, did: int, region: int, gpa_2m: int, write: bool, scope: Scope) -> None:
         """A 2 MiB leaf: new, retargeting an old leaf, or merging a page table (in place)."""
         iova = region_iova(region)
         dom = self.r.driver.domain(did)
         self.kind[(did, region)] = "2M"
         gpa = DATA_BASE + gpa_2m * PAGE_2M
-        self.run(
-            self._change(
-                f"2M leaf d{did} {iova:#x}",
-                did,
-                iova,
-                PAGE_2M,
-                scope,
-                lambda: dom.tables.merge(iova, gpa, write=write),
-            )
+        self.change(
+            f"2M leaf d{did} {iova:#x}",
+            did,
+            iova,
+            PAGE_2M,
+            scope,
+            lambda: dom.tables.merge(iova, gpa, write=write),
         )
 
-    @rule(
-        did=st.sampled_from(DOMAINS),
-        region=st.integers(0, REGIONS - 1),
-        scope=st.sampled_from(SCOPES),
-    )
-    def drop_region(self, did: int, region: int, scope: str) -> None:
+    @precondition(lambda self: self.rig is not None and bool(self.regions("2M", "4K")))
+    @rule(data=st.data(), scope=SCOPES)
+    def drop_region(self, data: st.DataObject, scope: Scope) -> None:
         """The whole 2 MiB region goes at once (PDE cleared): a leaf or a full page table."""
-        if self.kind.get((did, region)) is None:
-            return
+        did, region = data.draw(st.sampled_from(self.regions("2M", "4K")), label="region")
         iova = region_iova(region)
         tables = self.r.driver.domain(did).tables
         self.kind[(did, region)] = None
-        self.run(
-            self._change(
-                f"drop region d{did} {iova:#x}",
-                did,
-                iova,
-                PAGE_2M,
-                scope,
-                lambda: tables.clear_pointer(iova, 2),
-            )
+        self.change(
+            f"drop region d{did} {iova:#x}",
+            did,
+            iova,
+            PAGE_2M,
+            scope,
+            lambda: tables.clear_pointer(iova, 2),
         )
 
-    @rule(
-        did=st.sampled_from(DOMAINS),
-        region=st.integers(0, REGIONS - 1),
-        scope=st.sampled_from(SCOPES),
-    )
-    def split(self, did: int, region: int, scope: str) -> None:
+    @precondition(lambda self: self.rig is not None and bool(self.regions("2M")))
+    @rule(data=st.data(), scope=SCOPES)
+    def split(self, data: st.DataObject, scope: Scope) -> None:
         """A 2 MiB leaf becomes 512 PTEs with the same translation, Linux-style: unmap + flush,
         then the page table + flush (the in-place split is a known QEMU bug, see module doc)."""
-        if self.kind.get((did, region)) != "2M":
-            return
+        did, region = data.draw(st.sampled_from(self.regions("2M")), label="region")
         iova = region_iova(region)
         tables = self.r.driver.domain(did).tables
         leaf = next(lf for lf in tables.leaves() if lf.iova == iova)
+        self.kind[(did, region)] = "4K"
         if KNOWN_BUGS:
-            self.kind[(did, region)] = "4K"
-            self.run(
-                self._change(
-                    f"split d{did} {iova:#x} in place",
-                    did,
-                    iova,
-                    PAGE_2M,
-                    scope,
-                    lambda: tables.split(iova),
-                )
+            self.change(
+                f"split d{did} {iova:#x} in place",
+                did,
+                iova,
+                PAGE_2M,
+                scope,
+                lambda: tables.split(iova),
             )
             return
-        self.run(
-            self._change(
-                f"split d{did} {iova:#x}: unmap",
-                did,
-                iova,
-                PAGE_2M,
-                scope,
-                lambda: tables.clear_pointer(iova, 2),
-            )
+        self.change(
+            f"split d{did} {iova:#x}: unmap",
+            did,
+            iova,
+            PAGE_2M,
+            scope,
+            lambda: tables.clear_pointer(iova, 2),
         )
-        self.kind[(did, region)] = "4K"
-        self.run(
-            self._change(
-                f"split d{did} {iova:#x}: PTEs",
-                did,
-                iova,
-                PAGE_2M,
-                scope,
-                lambda: tables.map(iova, leaf.gpa, PAGE_2M, read=leaf.read, write=leaf.write),
-            )
+        self.change(
+            f"split d{did} {iova:#x}: PTEs",
+            did,
+            iova,
+            PAGE_2M,
+            scope,
+            lambda: tables.map(iova, leaf.gpa, PAGE_2M, read=leaf.read, write=leaf.write),
         )
 
     # ---- pure invalidations ------------------------------------------------------------------
+    @precondition(lambda self: self.rig is not None)
     @rule(
         did=st.sampled_from(DOMAINS),
         region=st.integers(0, REGIONS - 1),
-        scope=st.sampled_from(SCOPES),
+        scope=SCOPES,
     )
-    def invalidate_unchanged(self, did: int, region: int, scope: str) -> None:
+    def invalidate_unchanged(self, did: int, region: int, scope: Scope) -> None:
         """Nothing changed since the last flush: IOTLB scopes must be silent."""
         start = self.r.driver.invalidations
 
-        silent = scope in NOOP_SCOPES and not (scope == "global" and self._unmaps_contextless())
-
         async def go() -> None:
-            label = f"no-op {scope} d{did}"
-            step = self.r.noop_step(label) if silent else self.r.step(label)
+            label = f"no-op {self.scope(scope).value} d{did}"
+            step = self.r.noop_step(label) if self.silent_elsewhere(scope) else self.r.step(label)
             async with step:
                 await self._flush(did, region_iova(region), PAGE_2M, scope)
 
@@ -378,6 +459,7 @@ class VtdStateMachine(RuleBasedStateMachine):
         self.stats.steps += 1
 
     # ---- devices -----------------------------------------------------------------------------
+    @precondition(lambda self: self.rig is not None)
     @rule()
     def toggle_dmar(self) -> None:
         async def go() -> None:
@@ -390,15 +472,17 @@ class VtdStateMachine(RuleBasedStateMachine):
         self.dmar = not self.dmar
         self.stats.steps += 1
 
-    @rule(data=st.data(), target_domain=st.sampled_from((*DOMAINS, "pt", "none")))
-    def attach(self, data: st.DataObject, target_domain: int | str) -> None:
-        names = self.attached()
-        if not names:
-            return
-        name = data.draw(st.sampled_from(names))
+    @precondition(lambda self: self.rig is not None and bool(self.attached()))
+    @rule(data=st.data())
+    def attach(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self.attached()), label="device")
         bdf = self.r.devices[name].bdf
-        if not KNOWN_BUGS and self._moves_onto_smaller_leaf(bdf, target_domain):
-            return
+        targets = [
+            t
+            for t in (*DOMAINS, "pt", "none")
+            if KNOWN_BUGS or not self._moves_onto_smaller_leaf(bdf, t)
+        ]
+        target_domain = data.draw(st.sampled_from(targets), label="target")
         self.context[bdf] = target_domain
 
         async def go() -> None:

@@ -26,10 +26,11 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import pytest
 
+from fixtures.oracle.dma_event import DmaEvent, DmaOp
 from fixtures.oracle.iotlb_rules import (
     Consumer,
     Invalidation,
@@ -41,10 +42,12 @@ from fixtures.oracle.iotlb_rules import (
     check_window,
 )
 from fixtures.plugins.harness import Launcher
+from fixtures.plugins.vfio_user import VfioUserHostFactory
 from fixtures.plugins.vhost_user import VhostUserBackendFactory, VhostUserNet
 from fixtures.qemu.pci_config import Bdf, PciConfig
 from fixtures.qemu.qtest_machine import QTestMachine
 from fixtures.qemu.spec import DEFAULT_TRACE, MachineSpec
+from fixtures.vfio_user.server import VfioUserServer
 from fixtures.vhost_user.backend import VhostUserBackend
 from fixtures.vhost_user.record import Direction, IotlbEvent, NoTranslation, Translation
 from fixtures.vhost_user.wire import VIRTIO_F_ACCESS_PLATFORM as WIRE_ACCESS_PLATFORM
@@ -64,7 +67,8 @@ pytestmark = pytest.mark.qtest
 
 PORT = Bdf(0, 0x10)  # pcie-root-port rp0
 NET = Bdf(1, 0)  # virtio-net-pci behind it (secondary bus 1)
-OTHER = Bdf(0, 3)  # a requester id with no device
+OTHER = Bdf(0, 3)  # a requester id with no device (the vfio-user device's, when there is one)
+VFIO = Bdf(0, 3)
 MMIO_BASE = 0xC000_0000
 MMIO_LIMIT = 0xC03F_FFFF
 RING_IOVA = 0x10_0000_0000  # rx rings at +0, tx at +0x4000
@@ -183,7 +187,7 @@ async def start_rig(
     launch: Launcher,
     *,
     ats: bool = False,
-    extra_devices: list[dict[str, Any]] | None = None,
+    vfio: VfioUserServer | None = None,
 ) -> VhostRig:
     """QEMU with intel-iommu (caching mode, device-IOTLB) and the vhost-user virtio-net device
     on a root port; vhost started with both rings mapped in domain DID. `ats`: the guest
@@ -207,7 +211,7 @@ async def start_rig(
                 "slot": 1,
             },
             net.device_json(bus="rp0"),
-            *(extra_devices or []),
+            *([vfio.device_json(bus="pcie.0", addr=hex(VFIO.dev))] if vfio else []),
         ],
         extra_args=net.args(),
         trace=TRACE,
@@ -234,6 +238,10 @@ async def start_rig(
     for q, ring in enumerate(rings):
         await driver.map(domain, ring.desc, RING_GPA + q * 0x4000, ring.span)
     await driver.attach_and_flush(NET, domain)
+    if vfio is not None:
+        await vfio.wait_connected()
+        await enable_memory_and_master(cfg, VFIO)
+        await driver.attach_and_flush(VFIO, domain)
     await driver.enable_translation()
     rig = VhostRig(machine, net, cfg, driver, domain, virtio, found, rings)
     if ats:
@@ -249,7 +257,7 @@ async def start_rig(
 
 class VhostRigFactory(Protocol):
     async def __call__(
-        self, *, ats: bool = False, extra_devices: list[dict[str, Any]] | None = None
+        self, *, ats: bool = False, vfio: VfioUserServer | None = None
     ) -> VhostRig: ...
 
 
@@ -262,10 +270,8 @@ async def vhost_rig(
     outlives QEMU (fixtures tear down in reverse order)."""
     rigs: list[VhostRig] = []
 
-    async def make(
-        *, ats: bool = False, extra_devices: list[dict[str, Any]] | None = None
-    ) -> VhostRig:
-        rig = await start_rig(vhost_user_backend, launch, ats=ats, extra_devices=extra_devices)
+    async def make(*, ats: bool = False, vfio: VfioUserServer | None = None) -> VhostRig:
+        rig = await start_rig(vhost_user_backend, launch, ats=ats, vfio=vfio)
         rigs.append(rig)
         return rig
 
@@ -594,3 +600,127 @@ async def test_miss_is_recorded_in_order_with_its_update(vhost_rig: VhostRigFact
         (Direction.FROM_QEMU, IotlbType.UPDATE),
     ]
     assert [e.seq for e in events] == [mark, mark + 1]
+
+
+# ---- address-space switches ------------------------------------------------------------------
+
+
+async def test_dmar_off_invalidates_every_translation_held(vhost_rig: VhostRigFactory) -> None:
+    """Turning DMA remapping off changes every translation: each one the backend holds is
+    covered by INVALIDATEs once GSTS.TES reads 0 (vtd_switch_address_space unmaps the
+    notifiers' ranges up to the address width first)."""
+    rig = await vhost_rig()
+    await rig.map_data(DATA_IOVA, DATA_GPA, PAGE_4K)
+    await rig.map_data(DATA_IOVA + PAGE_2M, DATA_GPA + PAGE_2M, PAGE_2M, page_size=PAGE_2M)
+    held = [
+        await rig.backend.translate(DATA_IOVA, Access.RO),
+        await rig.backend.translate(DATA_IOVA + PAGE_2M, Access.RO),
+    ]
+    mark = rig.backend.mark
+    await rig.driver.disable_translation()
+    events = rig.since(mark)
+    assert all(e.type is IotlbType.INVALIDATE for e in events), show(events)
+    for translation in held:
+        assert isinstance(translation, Translation), translation
+        update = translation.update
+        assert covers(
+            [e for e in events if e.iova < update.end and update.iova < e.end],
+            update.iova,
+            update.end,
+        ), f"{update.describe()} survives DMAR off:\n{show(events)}"
+    for ring in rig.rings:  # vhost's own used-ring translations too
+        assert covers([e for e in events if e.iova <= ring.used < e.end], ring.used, ring.used + 1)
+
+
+async def test_miss_with_dmar_off_is_the_identity(vhost_rig: VhostRigFactory) -> None:
+    rig = await vhost_rig()
+    await rig.driver.disable_translation()
+    result = await rig.backend.translate(DATA_GPA + 0x10, Access.RW)
+    assert isinstance(result, Translation), result
+    assert result.gpa == DATA_GPA + 0x10
+    assert result.update.iova <= DATA_GPA < result.update.end
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "QEMU 11.1.3 keeps the identity translations a vhost backend obtained while DMA "
+        "remapping was off once the guest turns it on: enabling DMAR swaps the nodmar "
+        "(system memory) section of the device's DMA address space for the IOMMU one, vhost's "
+        "iommu_listener only registers notifiers for the new IOMMU sections "
+        "(vhost_iommu_region_add, hw/virtio/vhost.c, no flush) and ignores the removed RAM "
+        "section, so no INVALIDATE is sent: the backend keeps 'UPDATE iova 0x4000000+0x1000 "
+        "(gpa 0x4000000) RW' although, with translation on, a MISS on that IOVA faults "
+        "(vtd_iommu_translate: detected translation failure)."
+    ),
+)
+async def test_dmar_on_invalidates_identity_translations_held(vhost_rig: VhostRigFactory) -> None:
+    """Safety across a switch: a translation obtained while translation was off (identity)
+    no longer holds once it is on and the tables do not map that IOVA."""
+    rig = await vhost_rig()
+    rig.expect_stderr(r"vtd_iova_to_sspte: detected", r"Interrupt Mask")
+    rig.expect_stderr(r"vtd_iommu_translate: detected translation failure")
+    await rig.driver.disable_translation()
+    identity = await rig.backend.translate(DATA_GPA, Access.RW)
+    assert isinstance(identity, Translation), identity
+    mark = rig.backend.mark
+    await rig.driver.enable_translation()
+    switched = rig.since(mark, IotlbType.INVALIDATE)
+    now = await rig.backend.translate(DATA_GPA, Access.RW)
+    assert isinstance(now, NoTranslation), f"the tables do not map {DATA_GPA:#x}: {now}"
+    update = identity.update
+    overlapping = [e for e in switched if e.iova < update.end and update.iova < e.end]
+    assert covers(overlapping, update.iova, update.end), (
+        f"{update.describe()} still held after DMAR on; the switch sent:\n{show(switched)}"
+    )
+
+
+async def test_system_reset_stops_vhost(vhost_rig: VhostRigFactory) -> None:
+    """system_reset resets the virtio device: vhost stops (GET_VRING_BASE of both rings)."""
+    rig = await vhost_rig()
+    notes = len(rig.backend.notes)
+    await rig.machine.qmp("system_reset")
+
+    def stopped() -> bool:
+        connection = rig.backend.current
+        return connection is not None and all(r.stopped for r in connection.vrings.values())
+
+    await rig.backend.wait_until(stopped, "GET_VRING_BASE of every ring")
+    stops = [n.text for n in rig.backend.notes[notes:] if n.text.startswith("GET_VRING_BASE")]
+    assert sorted(stops) == [f"GET_VRING_BASE ring {q} num 0" for q in range(QUEUES)]
+
+
+# ---- two kinds of consumer in one domain --------------------------------------------------------
+
+
+def dma_ops(events: list[DmaEvent]) -> list[tuple[str, int, int]]:
+    return [(e.op.name, e.iova, e.size) for e in events]
+
+
+async def test_vfio_and_vhost_in_one_domain_each_see_their_own_kind(
+    vfio_user_host: VfioUserHostFactory, vhost_rig: VhostRigFactory
+) -> None:
+    """One domain, two consumers: vfio (MAP|UNMAP) gets the page walk's MAP for a new leaf,
+    vhost (UNMAP-only) gets the PSI's range as an INVALIDATE and no translation; with ATS on,
+    a device-IOTLB descriptor reaches vhost only."""
+    host = await vfio_user_host("d0")
+    rig = await vhost_rig(vfio=host)
+    vfio_mark, mark = len(host.table.events), rig.backend.mark
+    await rig.map_data(DATA_IOVA, DATA_GPA, 4 * PAGE_4K)  # tables + the PSI covering them
+    vfio_events = host.table.events[vfio_mark:]
+    assert dma_ops(vfio_events) == [("MAP", DATA_IOVA + i * PAGE_4K, PAGE_4K) for i in range(4)]
+    assert all(e.gpa == DATA_GPA + (e.iova - DATA_IOVA) for e in vfio_events)
+    vhost_events = rig.since(mark)
+    assert ranges(vhost_events) == [(DATA_IOVA, 4 * PAGE_4K)], show(vhost_events)
+    assert vhost_events[0].type is IotlbType.INVALIDATE
+
+    await rig.set_ats(True)
+    vfio_mark = len(host.table.events)
+    sid = NET.bus << 8 | NET.devfn
+    dev = await rig.submit(Invalidation(Scope.DEV_IOTLB, sid=sid, addr=DATA_IOVA, pages=4))
+    assert ranges(dev) == [(DATA_IOVA, 4 * PAGE_4K)]
+    vfio_sid = VFIO.bus << 8 | VFIO.devfn
+    assert await rig.submit(Invalidation(Scope.DEV_IOTLB, sid=vfio_sid, addr=DATA_IOVA)) == []
+    assert await rig.submit(Invalidation(Scope.PSI, domain=DID, addr=DATA_IOVA, am=2)) == []
+    assert all(e.op is not DmaOp.UNMAP_ALL for e in host.table.events[vfio_mark:])
+    assert dma_ops(host.table.events[vfio_mark:]) == [], "no change: vfio's walk finds nothing"
