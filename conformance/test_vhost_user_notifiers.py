@@ -651,8 +651,8 @@ async def test_miss_with_dmar_off_is_the_identity(vhost_rig: VhostRigFactory) ->
         "(vhost_iommu_region_add, hw/virtio/vhost.c, no flush) and ignores the removed RAM "
         "section, so no INVALIDATE is sent (the global flushes the guest issues before "
         "enabling reach no notifier: there is none while DMAR is off): the backend keeps "
-        "'UPDATE iova 0x4000000+0x1000 (gpa 0x4000000) RW' although, with translation on, a MISS on that IOVA faults "
-        "(vtd_iommu_translate: detected translation failure)."
+        "'UPDATE iova 0x4000000+0x1000 (gpa 0x4000000) RW' although, with translation on, "
+        "a MISS on that IOVA faults (vtd_iommu_translate: detected translation failure)."
     ),
 )
 async def test_dmar_on_invalidates_identity_translations_held(vhost_rig: VhostRigFactory) -> None:
