@@ -302,9 +302,10 @@ async def vhost_rig(
 
 
 async def test_vhost_start_fetches_exactly_the_used_rings(vhost_rig: VhostRigFactory) -> None:
-    """Pins vhost_dev_start with an IOMMU: the rings arrive as IOVAs (SET_VRING_ADDR), the
-    backend is not told any translation but the used rings' (one UPDATE each, the 4 KiB
-    leaf the case mapped, writable), and no INVALIDATE."""
+    """Pins vhost_dev_start with an IOMMU: features with ACCESS_PLATFORM acked, the memory
+    table with the RAM fds, the rings as IOVAs (SET_VRING_ADDR); the backend is told no
+    translation but the used rings' (one UPDATE each, the 4 KiB leaf the case mapped,
+    writable), and no INVALIDATE."""
     rig = await vhost_rig()
     connection = rig.backend.current
     assert connection is not None
@@ -314,6 +315,17 @@ async def test_vhost_start_fetches_exactly_the_used_rings(vhost_rig: VhostRigFac
         assert addr is not None
         assert (addr.desc, addr.avail, addr.used) == ring.pages
         assert connection.vrings[q].num == ring.size
+    # The memory table is guest RAM (512 MiB, without the 0xc0000-0x100000 ROM shadows), and
+    # the backend's mappings of its fds show the guest's bytes.
+    table = connection.mem_table
+    assert table is not None
+    assert sorted((r.gpa, r.size) for r in table.regions) == [
+        (0, 0xC0000),
+        (0x100000, (512 << 20) - 0x100000),
+    ]
+    pattern = bytes(range(256)) * 16
+    rig.machine.ram.write(DATA_GPA, pattern)
+    assert connection.read_gpa(DATA_GPA, len(pattern)) == pattern
     expected = [
         (IotlbType.UPDATE, ring.used, PAGE_4K, RING_GPA + q * 0x4000 + 0x2000, Access.RW)
         for q, ring in enumerate(rig.rings)
