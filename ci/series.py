@@ -324,7 +324,8 @@ def main(argv: list[str]) -> int:
         if options.bisect:
             if "-k" not in pytest_args and not any(a.startswith("-k") for a in pytest_args):
                 raise SeriesError("--bisect needs the case: -k CASE")
-            _, text = bisect(ws, *options.bisect, out, pytest_args)
+            good, bad = options.bisect
+            _, text = bisect(ws, good, bad, out, pytest_args)
             (out / "summary.md").write_text(
                 "### vIOMMU conformance bisect\n\n```\n" + text + "```\n"
             )
