@@ -132,13 +132,18 @@ class VhostRig:
         await self.ats.set_enabled(on)
         self.ats_on = on
 
-    async def submit(self, inv: Invalidation) -> list[IotlbEvent]:
+    async def submit(self, inv: Invalidation, *, pasid_based: bool = False) -> list[IotlbEvent]:
         """Queue one descriptor (and its wait); return what the backend was told meanwhile,
-        judged by the oracle's invalidation-only notifier rules."""
+        judged by the oracle's invalidation-only notifier rules. `pasid_based`: a PSI or DSI
+        as the PASID-based IOTLB descriptor (PASID 0) a scalable-mode driver queues."""
         d = self.driver
         mark = self.backend.mark
         bdf = Bdf((inv.sid or 0) >> 8, ((inv.sid or 0) & 0xFF) >> 3, (inv.sid or 0) & 7)
-        if inv.scope is Scope.PSI:
+        if inv.scope is Scope.PSI and pasid_based:
+            await d.piotlb_psi(inv.domain or 0, inv.addr, inv.am)
+        elif inv.scope is Scope.DSI and pasid_based:
+            await d.piotlb_pasid(inv.domain or 0)
+        elif inv.scope is Scope.PSI:
             await d.iotlb_psi(inv.domain or 0, inv.addr, inv.am)
         elif inv.scope is Scope.DSI:
             await d.iotlb_domain(inv.domain or 0)
@@ -188,6 +193,7 @@ async def start_rig(
     *,
     ats: bool = False,
     vfio: VfioUserServer | None = None,
+    scalable: bool = False,
 ) -> VhostRig:
     """QEMU with intel-iommu (caching mode, device-IOTLB) and the vhost-user virtio-net device
     on a root port; vhost started with both rings mapped in domain DID. `ats`: the guest
@@ -200,6 +206,7 @@ async def start_rig(
             "caching-mode": True,
             "device-iotlb": True,
             "aw-bits": AW_BITS,
+            **({"scalable-mode": True} if scalable else {}),
         },
         devices=[
             {
@@ -218,7 +225,7 @@ async def start_rig(
     )
     machine = await launch(spec)
     assert isinstance(machine, QTestMachine)
-    return await bring_up(machine, net, ats=ats, vfio=vfio)
+    return await bring_up(machine, net, ats=ats, vfio=vfio, scalable=scalable)
 
 
 async def bring_up(
@@ -227,6 +234,7 @@ async def bring_up(
     *,
     ats: bool = False,
     vfio: VfioUserServer | None = None,
+    scalable: bool = False,
 ) -> VhostRig:
     """What firmware and the guest kernel do from power-on (or system_reset) to a running
     vhost: buses, windows, BARs, ECAM; the VT-d driver's tables, domain DID mapping both
@@ -244,7 +252,7 @@ async def bring_up(
     found = await Ats.find(ecam, NET)
     assert found is not None, "virtio-net-pci with ats=on shows no ATS capability"
 
-    driver = VtdDriver(qtest, machine.ram)
+    driver = VtdDriver(qtest, machine.ram, scalable=scalable)
     await driver.init()
     domain = driver.domain(DID)
     rings = [RingLayout.at(RING_IOVA + q * 0x4000) for q in range(QUEUES)]
@@ -270,7 +278,7 @@ async def bring_up(
 
 class VhostRigFactory(Protocol):
     async def __call__(
-        self, *, ats: bool = False, vfio: VfioUserServer | None = None
+        self, *, ats: bool = False, vfio: VfioUserServer | None = None, scalable: bool = False
     ) -> VhostRig: ...
 
 
@@ -283,8 +291,10 @@ async def vhost_rig(
     outlives QEMU (fixtures tear down in reverse order)."""
     rigs: list[VhostRig] = []
 
-    async def make(*, ats: bool = False, vfio: VfioUserServer | None = None) -> VhostRig:
-        rig = await start_rig(vhost_user_backend, launch, ats=ats, vfio=vfio)
+    async def make(
+        *, ats: bool = False, vfio: VfioUserServer | None = None, scalable: bool = False
+    ) -> VhostRig:
+        rig = await start_rig(vhost_user_backend, launch, ats=ats, vfio=vfio, scalable=scalable)
         rigs.append(rig)
         return rig
 
@@ -795,3 +805,68 @@ async def test_vfio_and_vhost_in_one_domain_each_see_their_own_kind(
     assert await rig.submit(Invalidation(Scope.PSI, domain=DID, addr=DATA_IOVA, am=2)) == []
     assert all(e.op is not DmaOp.UNMAP_ALL for e in host.table.events[vfio_mark:])
     assert dma_ops(host.table.events[vfio_mark:]) == [], "no change: vfio's walk finds nothing"
+
+
+# ---- scalable mode ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("addr", "am"), [(0x2000_0000, 0), (0x2000_0000, 3), (0xFE00_0000, 13)])
+async def test_scalable_pasid_psi_reaches_unmap_notifier_as_its_range(
+    vhost_rig: VhostRigFactory, addr: int, am: int
+) -> None:
+    """Scalable mode, second-stage tables behind PASID 0: a PASID-based PSI reaches the
+    UNMAP-only notifier as its range, cropped to each section, like a legacy PSI."""
+    rig = await vhost_rig(scalable=True)
+    psi = Invalidation(Scope.PSI, domain=DID, addr=addr, am=am)
+    events = await rig.submit(psi, pasid_based=True)
+    assert sorted(ranges(events)) == sorted(cropped(addr, PAGE_4K << am)), show(events)
+
+
+async def test_scalable_pasid_selective_flush_reaches_as_whole_sections(
+    vhost_rig: VhostRigFactory,
+) -> None:
+    rig = await vhost_rig(scalable=True)
+    events = await rig.submit(Invalidation(Scope.DSI, domain=DID), pasid_based=True)
+    assert sorted(ranges(events)) == sorted(whole_sections()), show(events)
+
+
+async def test_scalable_miss_translates_through_the_pasid_entry(
+    vhost_rig: VhostRigFactory,
+) -> None:
+    rig = await vhost_rig(scalable=True)
+    await rig.map_data(DATA_IOVA, DATA_GPA, PAGE_4K)
+    result = await rig.backend.translate(DATA_IOVA + 0x44, Access.RO)
+    assert isinstance(result, Translation), result
+    assert result.gpa == DATA_GPA + 0x44
+    assert check_translation(result.update, Leaf(DATA_IOVA, PAGE_4K, DATA_GPA, True, True)) == []
+
+
+# ---- moving the device between domains --------------------------------------------------------
+
+
+@pytest.mark.parametrize("scalable", [False, True], ids=["legacy", "scalable"])
+async def test_moving_the_device_invalidates_what_the_backend_holds(
+    vhost_rig: VhostRigFactory, scalable: bool
+) -> None:
+    """The guest moves the device to a domain that does not map DATA_IOVA, with the flushes
+    the spec asks for (context / PASID cache for the device, then the old domain's IOTLB):
+    the translation the backend held is invalidated before the wait completes, and a MISS
+    on it now faults."""
+    rig = await vhost_rig(scalable=scalable)
+    rig.expect_stderr(r"vtd_iova_to_sspte: detected", r"Interrupt Mask")
+    rig.expect_stderr(r"vtd_iommu_translate: detected translation failure")
+    await rig.map_data(DATA_IOVA, DATA_GPA, PAGE_4K)
+    held = await rig.backend.translate(DATA_IOVA, Access.RO)
+    assert isinstance(held, Translation), held
+    other = rig.driver.domain(DID + 1)
+    for q, ring in enumerate(rig.rings):
+        await rig.driver.map(other, ring.desc, RING_GPA + q * 0x4000, ring.span)
+    mark = rig.backend.mark
+    await rig.driver.attach_and_flush(NET, other)
+    await rig.driver.iotlb_domain(DID)
+    moved = rig.since(mark, IotlbType.INVALIDATE)
+    update = held.update
+    overlapping = [e for e in moved if e.iova < update.end and update.iova < e.end]
+    assert covers(overlapping, update.iova, update.end), show(moved)
+    now = await rig.backend.translate(DATA_IOVA, Access.RO)
+    assert isinstance(now, NoTranslation), now
