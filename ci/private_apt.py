@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -133,6 +134,10 @@ class PrivateApt:
     def source(self, package: str, version: str, dest: Path) -> Path:
         """Download and extract `package`=`version` with its patches applied (dpkg-source, as
         `apt-get source` does); returns the extracted tree."""
+        if shutil.which("dpkg-source") is None:
+            raise ProvisionError(
+                "extracting a source package needs dpkg-source: apt-get install dpkg-dev"
+            )
         dest.mkdir(parents=True, exist_ok=True)
         self.run("source", f"{package}={version}", cwd=dest)
         upstream = version.split(":", 1)[-1].rsplit("-", 1)[0]

@@ -137,29 +137,35 @@ def check_starts(launcher: Path) -> None:
 SOURCE_SUITES = ("sid", "trixie-backports", "trixie")
 
 
-def from_source(version: str) -> Path:
-    """QEMU `version` built from Debian's source package, cached under qemu-src-VERSION."""
+def fetch_source(version: str) -> Path:
+    """Debian's source package of QEMU `version`, extracted with its patches, cached under
+    qemu-src-VERSION; returns the tree."""
     dest = cache_root() / f"qemu-src-{version}"
     dest.mkdir(parents=True, exist_ok=True)
-    stamp = dest / "complete"
+    tree = next(dest.glob("qemu-*/debian"), None)
+    if tree is not None:
+        return tree.parent
+    apt = PrivateApt(dest / "apt", [], source_suites=list(SOURCE_SUITES))
+    apt.update()
+    offered = apt.source_versions("qemu")
+    matching = [v for v in offered if v.split(":", 1)[-1].startswith(f"{version}+")]
+    if not matching:
+        raise ProvisionError(
+            f"no Debian source for QEMU {version} (offered: {', '.join(offered) or 'none'})"
+        )
+    src = apt.source("qemu", matching[0], dest)
+    shutil.rmtree(dest / "apt")
+    return src
+
+
+def from_source(version: str) -> Path:
+    """QEMU `version` built from Debian's source package (cached); returns what to test."""
+    src = fetch_source(version)
+    stamp = src.parent / "complete"
     if stamp.is_file() and Path(stamp.read_text().strip()).is_file():
         return Path(stamp.read_text().strip())
-    tree = next(dest.glob("qemu-*/debian"), None)
-    if tree is None:
-        apt = PrivateApt(dest / "apt", [], source_suites=list(SOURCE_SUITES))
-        apt.update()
-        offered = apt.source_versions("qemu")
-        matching = [v for v in offered if v.split(":", 1)[-1].startswith(f"{version}+")]
-        if not matching:
-            raise ProvisionError(
-                f"no Debian source for QEMU {version} (offered: {', '.join(offered) or 'none'})"
-            )
-        src = apt.source("qemu", matching[0], dest)
-        shutil.rmtree(dest / "apt")
-    else:
-        src = tree.parent
-    print(f"provision: building QEMU {version} from source in {dest} ...", file=sys.stderr)
-    binary = build_tree(src, dest / "build")
+    print(f"provision: building QEMU {version} from source in {src.parent} ...", file=sys.stderr)
+    binary = build_tree(src, src.parent / "build")
     stamp.write_text(f"{binary}\n")
     return binary
 
