@@ -372,6 +372,19 @@ async def test_psi_reaches_unmap_notifier_as_its_range(
     assert set(ranges(events)) == cropped(addr, PAGE_4K << am), show(events)
 
 
+async def test_psi_with_invalidation_hint_reaches_unmap_notifier_as_its_range(
+    vhost_rig: VhostRigFactory,
+) -> None:
+    """IH=1 says only leaf entries changed: the range still has to be invalidated."""
+    rig = await vhost_rig()
+    mark = rig.backend.mark
+    await rig.driver.iotlb_psi(DID, 0x2000_0000, 2, ih=True)
+    events = rig.since(mark)
+    psi = Invalidation(Scope.PSI, domain=DID, addr=0x2000_0000, am=2)
+    assert check_window(psi, events, rig.consumer) == [], show(events)
+    assert ranges(events) == [(0x2000_0000, 4 * PAGE_4K)]
+
+
 async def test_psi_of_another_domain_reaches_nothing(vhost_rig: VhostRigFactory) -> None:
     """A PSI names a domain id: the device's domain is DID, so DID+1's PSI is not for it."""
     rig = await vhost_rig()
