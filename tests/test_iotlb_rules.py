@@ -3,6 +3,7 @@ ones a QEMU breaking a rule would produce (each rejected stream names the rule).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pytest
@@ -14,6 +15,7 @@ from fixtures.oracle.iotlb_rules import (
     Leaf,
     NotifierKind,
     Scope,
+    Violation,
     check_safety,
     check_translation,
     check_unsolicited_updates,
@@ -41,8 +43,8 @@ def inv(iova: int, size: int) -> Ev:
     return Ev("INVALIDATE", iova, size)
 
 
-def rules(violations: list[object]) -> list[str]:
-    return [v.rule for v in violations]  # type: ignore[attr-defined]
+def rules(violations: Iterable[Violation]) -> list[str]:
+    return [v.rule for v in violations]
 
 
 PSI = Invalidation(Scope.PSI, domain=1, addr=0x2000_0000, am=3)

@@ -215,8 +215,10 @@ class GarbageFrontEnd:
                 self.rng.randbytes(self.rng.randrange(1, 40)),
             ]
         )
-        with_junk = sent and await self.loop.sock_sendall(ours, junk) is None
-        return with_junk and await self.survived()
+        if not sent:
+            return False
+        await self.loop.sock_sendall(ours, junk)
+        return await self.survived()
 
 
 async def _drive(backend: VhostUserBackend, seed: int, ram_fd: int) -> dict[str, int]:
