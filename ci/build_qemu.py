@@ -112,8 +112,8 @@ def configure_args(
 def _run(
     cmd: Sequence[str | Path], *, cwd: Path | None = None, what: str, stream: bool = False
 ) -> str:
-    """Run `cmd`; its output is returned, and with `stream` also shown as it comes (a build
-    takes minutes). A failure is one line: the first error in the output."""
+    """Run `cmd`; its output is returned, and with `stream` its progress is shown as it comes
+    (a build takes minutes). A failure is one line: the first error in the output."""
     proc = subprocess.Popen(
         [str(c) for c in cmd],
         cwd=cwd,
@@ -125,8 +125,10 @@ def _run(
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if stream:
-            sys.stderr.write(line)
+        # Progress, not the whole log: ninja's "[N/M]" every 250 steps and at the end.
+        step = re.match(r"^\[(\d+)/(\d+)\]", line)
+        if stream and step and (int(step[1]) % 250 == 0 or step[1] == step[2]):
+            sys.stderr.write(f"build-qemu: {step[0]} {line[step.end() :].strip()[:80]}\n")
     output = "".join(lines)
     if proc.wait() != 0:
         raise BuildError(f"{what} failed: {first_error(output)}")
@@ -241,7 +243,7 @@ def build_tree(src: Path, build: Path, *, jobs: int | None = None) -> Path:
         ensure_build_wheels(src)
         print(f"build-qemu: configure {' '.join(args)}", file=sys.stderr)
         stamp.unlink(missing_ok=True)
-        _run([configure, *args], cwd=build, what="configure", stream=True)
+        _run([configure, *args], cwd=build, what="configure")
         stamp.write_text(digest)
     _run(
         ["ninja", "-C", build, f"-j{jobs or os.cpu_count() or 1}", BINARY],

@@ -58,7 +58,9 @@ def make_repo(version: str) -> Path:
     repo.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(fetch_source(version), repo, symlinks=True)
     git(repo, "init", "-q", "-b", "master")
-    git(repo, "add", "-A")
+    # -f: QEMU's .gitignore ignores the bundled subprojects (keycodemapdb, ...), which an
+    # offline build needs.
+    git(repo, "add", "-A", "-f")
     git(repo, "commit", "-qm", f"QEMU {version} (Debian source package)")
     edit(repo, COMMENT_AT, COMMENT_AT + "\n    /* (the walk below only reports what is mapped) */",
          "intel_iommu: comment on the replay walk")  # fmt: skip
