@@ -20,6 +20,7 @@ import pytest
 from fixtures.guest.machine import kernel_cmdline
 from fixtures.guest.session import AgentCallError
 from fixtures.guest.vfio import GuestVfioDevice
+from fixtures.oracle.dma_event import DmaOp
 from fixtures.plugins.guest import GuestFactory
 from fixtures.plugins.vfio_user import VfioUserHostFactory
 from fixtures.rig.guest_rig import CheckedContainer
@@ -85,12 +86,26 @@ async def test_map_unmap_churn_leaves_nothing_behind(
     await c.guest.call("churn", buffer="buf", iova=0x4000_1000, count=500, size=3 * 4096)
     await c.check()
     churn = srv.table.events[before:]
-    maps = sum(e.size for e in churn if e.op.name == "MAP") // 4096
-    unmaps = [e for e in churn if e.op.name == "UNMAP"]
-    assert maps == 500 * 3, f"{maps} pages mapped by 500 cycles of 3 pages"
-    assert unmaps, "the churn's unmaps never reached the host"
-    outside = [e.describe() for e in unmaps if e.iova < 0x4000_1000 or e.end > 0x4000_4000]
-    assert not outside, f"UNMAPs of the churn reached outside the churned range: {outside}"
+    outside = [e.describe() for e in churn if e.iova < 0x4000_1000 or e.end > 0x4000_4000]
+    assert not outside, f"the churn reached outside the churned range: {outside}"
+    # Each cycle: MAPs of exactly the three pages, then UNMAPs of exactly those pages.
+    churned = set(range(0x4000_1000, 0x4000_4000, 4096))
+    cycles: list[tuple[set[int], set[int]]] = []
+    for e in churn:
+        pages = set(range(e.iova, e.end, 4096))
+        if e.op is DmaOp.MAP:
+            if not cycles or cycles[-1][1]:  # a MAP after UNMAPs starts the next cycle
+                cycles.append((set(), set()))
+            assert not pages & cycles[-1][0], f"page mapped twice in one cycle: {e.describe()}"
+            cycles[-1][0].update(pages)
+        else:
+            assert cycles, f"the churn began with {e.describe()}"
+            cycles[-1][1].update(pages)
+    assert len(cycles) == 500, f"{len(cycles)} MAP-then-UNMAP cycles for 500 map/unmap calls"
+    wrong = [
+        i for i, (mapped, unmapped) in enumerate(cycles) if (mapped, unmapped) != (churned,) * 2
+    ]
+    assert not wrong, f"cycles {wrong[:5]} did not map and unmap exactly the three pages"
 
 
 async def test_a_change_is_notified_alone_and_unchanged_neighbours_stay_quiet(

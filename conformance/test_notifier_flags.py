@@ -16,14 +16,10 @@ import pytest
 
 from fixtures.oracle.dma_event import DmaOp
 from fixtures.qemu.errors import QTestError
-from fixtures.qemu.pci_config import Bdf
-from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.rig.vtd_rig import D0, DATA_BASE, IOVA, RigFactory, VtdRig, ops
 from fixtures.vtd.page_tables import PAGE_4K
 
 pytestmark = pytest.mark.qtest
-
-D0 = Bdf(0, 3)
-IOVA = 0x1_0000_0000
 
 
 async def refused_on_dmar_enable(rig: VtdRig, message: str) -> None:
@@ -79,8 +75,9 @@ async def test_map_unmap_notifier_gets_both(vtd_rig: RigFactory) -> None:
         await rig.driver.map(dom, IOVA, DATA_BASE, 0x3000)
     async with rig.change_step("unmap", [(IOVA, 0x3000)], remapped=False) as unmapped:
         await rig.driver.unmap(dom, IOVA, 0x3000)
-    assert {e.op for e in mapped} == {DmaOp.MAP}
-    assert {e.op for e in unmapped} == {DmaOp.UNMAP}
+    pages = [IOVA + off for off in range(0, 0x3000, PAGE_4K)]
+    assert ops(mapped) == [(DmaOp.MAP, page, PAGE_4K) for page in pages]
+    assert ops(unmapped) == [(DmaOp.UNMAP, page, PAGE_4K) for page in pages]
 
 
 async def test_device_iotlb_descriptor_never_reaches_vfio(vtd_rig: RigFactory) -> None:

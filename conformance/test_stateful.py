@@ -47,7 +47,7 @@ from hypothesis.stateful import (
 
 from fixtures.oracle.expected_state import Range
 from fixtures.qemu.pci_config import Bdf
-from fixtures.rig.vtd_rig import DATA_BASE, RigFactory, VtdRig
+from fixtures.rig.vtd_rig import DATA_BASE, IOVA, RigFactory, VtdRig
 from fixtures.vtd.page_tables import PAGE_2M, PAGE_4K, SecondLevelTables
 
 pytestmark = pytest.mark.qtest
@@ -55,7 +55,7 @@ pytestmark = pytest.mark.qtest
 FUZZ_EXAMPLES_CI = 6
 STEPS = 25
 STEP_TIMEOUT_S = 60.0
-IOVA_BASE = 0x1_0000_0000
+IOVA_BASE = IOVA
 REGIONS = 3  # 2 MiB IOVA regions per domain: small, so operations collide
 GPA_PAGES = 0x2000  # 32 MiB of target pages above DATA_BASE
 DOMAINS = (1, 2)
@@ -567,7 +567,7 @@ async def test_random_driver_sequences_keep_host_equal_to_tables(
         pass
 
     Machine.loop = asyncio.get_running_loop()
-    Machine.factory = staticmethod(vtd_rig)  # type: ignore[assignment]
+    Machine.factory = staticmethod(vtd_rig)
     Machine.stats = stats
     config = settings(
         max_examples=examples,

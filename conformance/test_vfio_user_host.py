@@ -372,7 +372,8 @@ async def test_reply_that_never_comes(launch: Any, vfio_user_host: Any) -> None:
     """A REGION_READ the host never answers: QEMU gives up after x-msg-timeout, the access
     reads as all ones, and the connection survives for the next access."""
     timeout_ms = 300
-    machine, host = await start_with_device(launch, vfio_user_host, **{"x-msg-timeout": timeout_ms})
+    props: dict[str, Any] = {"x-msg-timeout": timeout_ms}
+    machine, host = await start_with_device(launch, vfio_user_host, **props)
     await map_bar0(machine)
     host.withhold_replies(Command.REGION_READ)
     started = time.monotonic()
@@ -422,7 +423,8 @@ async def test_late_reply_is_discarded_and_the_device_keeps_working(
 ) -> None:
     """A slow host answers a REGION_READ after QEMU gave up. The spec matches replies by
     id; a reply nobody waits for must be discarded whole, leaving the stream in sync."""
-    machine, host = await start_with_device(launch, vfio_user_host, **{"x-msg-timeout": 200})
+    props: dict[str, Any] = {"x-msg-timeout": 200}
+    machine, host = await start_with_device(launch, vfio_user_host, **props)
     await map_bar0(machine)
     host.withhold_replies(Command.REGION_READ)
     assert await machine.qtest.readl(BAR0_GPA + REG_MAGIC) == 0xFFFF_FFFF  # timed out
