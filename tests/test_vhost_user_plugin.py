@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.plugins.vhost_user import VhostUserNet, vhost_user_support
+from fixtures.plugins.vhost_user import vhost_user_support
 from fixtures.vhost_user.backend import VhostUserBackend
 from fixtures.vhost_user.errors import VhostUserError
+from fixtures.vhost_user.netdev import VhostUserNet
 
 NETDEVS = "Available netdev backend types:\nsocket\nuser\n{extra}"
 NET_PROPS = "virtio-net-pci options:\n  ats=<bool>\n  iommu_platform=<bool>\n{extra}"
