@@ -37,10 +37,11 @@ from fixtures.vfio_user.dma_engine import (
     FaultReason,
     start_writes,
 )
+from fixtures.vfio_user.errors import DmaLayoutMismatch
 from fixtures.vfio_user.host_mapping_table import HostMappingTable
 from fixtures.vfio_user.pci import BAR0_REGION, CONFIG_REGION, PCI_BASE_ADDRESS_0
 from fixtures.vfio_user.server import VfioUserServer
-from fixtures.vfio_user.wire import Command, RegionAccess
+from fixtures.vfio_user.wire import Command, DmaAccess, RegionAccess
 
 pytestmark = pytest.mark.qtest
 
@@ -258,12 +259,34 @@ async def test_identity_map_with_intel_iommu_and_dmar_off(launch: Any, vfio_user
 # --- device DMA --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [DmaPath.HOST_IOMMU, DmaPath.CLIENT], ids=["host-iommu", "client"])
+# QEMU 10.2's vfio-user client declares DMA_READ/DMA_WRITE as VFIOUserDMARW {hdr, u64 offset,
+# u32 count, data} (hw/vfio-user/protocol.h); the spec (docs/interop/vfio-user.rst) and 11.1
+# have a u64 count, so with 10.2 the data sits 4 bytes off. Measured on 10.2.2.
+U32_DMA_COUNT = pytest.mark.qemu_bug(
+    before=(11, 1),
+    reason="vfio-user client's DMA_READ/DMA_WRITE use VFIOUserDMARW's u32 count "
+    "(hw/vfio-user/protocol.h) where the spec has a u64 count: DMA data lands 4 bytes off",
+)
+DMA_PATHS = [
+    pytest.param(DmaPath.HOST_IOMMU, id="host-iommu"),
+    pytest.param(DmaPath.CLIENT, id="client", marks=U32_DMA_COUNT),
+]
+
+
+def landed(written: bytes, sent: bytes) -> str:
+    """The failure text for DMA data that did not arrive as sent: the wire layout when that
+    is the cause, else the bytes."""
+    if DmaAccess.landed_with_u32_count(written, sent):
+        return str(DmaLayoutMismatch("DMA_WRITE"))
+    return f"guest memory {written!r}, sent {sent!r}"
+
+
+@pytest.mark.parametrize("path", DMA_PATHS)
 async def test_dma_copy_lands_at_the_right_gpa(
     launch: Any, vfio_user_host: Any, path: DmaPath
 ) -> None:
     """Without a vIOMMU IOVA == GPA: a copy through either path moves exactly these bytes.
-    (The client path also pins QEMU's DMA_READ/WRITE layout: data right after a u32 count.)"""
+    (The client path also pins QEMU's DMA_READ/WRITE layout: the spec's u64 count.)"""
     machine, host = await start_with_device(launch, vfio_user_host)
     await map_bar0(machine)
     assert await machine.qtest.readl(BAR0_GPA + REG_MAGIC) == MAGIC
@@ -271,8 +294,9 @@ async def test_dma_copy_lands_at_the_right_gpa(
     await machine.qtest.memwrite(src, pattern)
     before = await machine.qtest.memread(dst - 16, 16)
     status = await run_dma(machine, DmaDirection.COPY, path, src=src, dst=dst, length=len(pattern))
-    assert status == DmaStatus.DONE, host.engine.transfers
-    assert await machine.qtest.memread(dst, len(pattern)) == pattern
+    assert status == DmaStatus.DONE, host.engine.transfers[-1].detail or host.engine.transfers
+    written = await machine.qtest.memread(dst, len(pattern))
+    assert written == pattern, landed(written, pattern)
     assert machine.ram.read(dst, len(pattern)) == pattern
     assert await machine.qtest.memread(dst - 16, 16) == before, "DMA wrote before its target"
     assert host.engine.transfers[-1].path is path
@@ -289,7 +313,7 @@ async def test_dma_copy_lands_at_the_right_gpa(
     assert_clean(host)
 
 
-@pytest.mark.parametrize("path", [DmaPath.HOST_IOMMU, DmaPath.CLIENT], ids=["host-iommu", "client"])
+@pytest.mark.parametrize("path", DMA_PATHS)
 async def test_dma_buffer_round_trip(launch: Any, vfio_user_host: Any, path: DmaPath) -> None:
     machine, host = await start_with_device(launch, vfio_user_host)
     await map_bar0(machine)
@@ -299,8 +323,9 @@ async def test_dma_buffer_round_trip(launch: Any, vfio_user_host: Any, path: Dma
         await machine.qtest.writel(BAR0_GPA + BUFFER_OFFSET + i, word)
     target = 0x123000
     status = await run_dma(machine, DmaDirection.TO_MEMORY, path, dst=target, length=len(message))
-    assert status == DmaStatus.DONE
-    assert machine.ram.read(target, len(message)) == message
+    assert status == DmaStatus.DONE, host.engine.transfers[-1].detail
+    written = machine.ram.read(target, len(message))
+    assert written == message, landed(written, message)
     machine.ram.write(target + 0x10000, b"from guest RAM!!")
     status = await run_dma(machine, DmaDirection.FROM_MEMORY, path, src=target + 0x10000, length=16)
     assert status == DmaStatus.DONE

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures.vfio_user.errors import VfioUserProtocolError
+from fixtures.vfio_user.errors import DmaLayoutMismatch, VfioUserProtocolError
 from fixtures.vfio_user.wire import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
@@ -226,3 +226,20 @@ def test_random_headers_raise_only_typed_errors(raw: bytes) -> None:
         with pytest.raises(VfioUserProtocolError) as info:
             parse_header(raw)
         assert info.value.fatal
+
+
+def test_a_dma_read_reply_with_a_u32_count_is_named_not_diffed() -> None:
+    """QEMU 10.2's VFIOUserDMARW: {u64 offset, u32 count, data at 12}, padded to 16 + count."""
+    data = bytes(range(1, 33))
+    qemu_10_2 = struct.pack("=QI", 0x1000, len(data)) + data + bytes(4)
+    with pytest.raises(DmaLayoutMismatch, match=r"u32 count.*hw/vfio-user/protocol.h.*u64 count"):
+        DmaAccess.decode_read_reply(qemu_10_2, len(data))
+    spec = DmaAccess(0x1000, len(data), data).encode()
+    assert DmaAccess.decode_read_reply(spec, len(data)).data == data
+
+
+def test_a_dma_write_read_with_a_u32_count_is_recognised_in_memory() -> None:
+    sent = b"vfio-user DMA to guest RAM\0"
+    assert DmaAccess.landed_with_u32_count(bytes(4) + sent[:-4], sent)
+    assert not DmaAccess.landed_with_u32_count(sent, sent)
+    assert not DmaAccess.landed_with_u32_count(bytes(len(sent)), sent)
