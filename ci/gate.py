@@ -30,6 +30,7 @@ from ci.gate_verdict import (
     read_junit,
     terminal_table,
 )
+from fixtures import HarnessError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_QEMU_ENV = "VIOMMU_QEMU"
@@ -41,7 +42,7 @@ PYTEST_NO_TESTS = 5
 VERSION_TIMEOUT_S = 30.0
 
 
-class GateError(Exception):
+class GateError(HarnessError):
     """The gate cannot give a verdict; the message is the one line the user sees."""
 
 

@@ -242,7 +242,8 @@ class Agent:
         gfd, container = self.groups.get(group, (None, None))
         if gfd is None or container is None:
             raise AgentError(f"group {group} is not attached to a container")
-        fd = fcntl.ioctl(gfd, VFIO_GROUP_GET_DEVICE_FD, bytearray(bdf.encode() + b"\0"), True)
+        # A mutable buffer with mutate_flag: ioctl returns the call's result, here the fd.
+        fd = int(fcntl.ioctl(gfd, VFIO_GROUP_GET_DEVICE_FD, bytearray(bdf.encode() + b"\0"), True))
         dev = Device(fd, bdf)
         self.devices[bdf] = dev
         flags, size, _offset = dev.region(0)
