@@ -179,10 +179,12 @@ def gate_series(ws: Workspace, rev_range: str, out: Path, pytest_args: list[str]
     return runs
 
 
-def _short(ids: list[str], limit: int = 3) -> str:
-    names = [i.rsplit("::", 1)[-1] for i in ids]
-    more = f" +{len(names) - limit}" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more if names else "-"
+def _short(ids: list[str], *, full: bool) -> str:
+    """A table cell for a list of cases: every name in Markdown, the count in the terminal
+    (whose detail lines below the table name them)."""
+    if not ids:
+        return "-"
+    return ", ".join(i.rsplit("::", 1)[-1] for i in ids) if full else str(len(ids))
 
 
 def series_rows(runs: list[Run], *, full: bool) -> list[list[str]]:
@@ -191,7 +193,8 @@ def series_rows(runs: list[Run], *, full: bool) -> list[list[str]]:
         build = "ok" if not run.build_error else "FAILED" + (f": {run.build_error}" if full else "")
         rows.append([
             "base" if n == 0 else str(n), run.commit[:12], run.subject[:60], build,
-            _short(run.regressed_prev), _short(run.regressed_base), _short(run.fixed),
+            _short(run.regressed_prev, full=full), _short(run.regressed_base, full=full),
+            _short(run.fixed, full=full),
             run.counts() if not run.build_error else "-",
             f"{run.seconds_build:.0f} s / {run.seconds_suite:.0f} s",
         ])  # fmt: skip
@@ -226,6 +229,7 @@ def terminal(runs: list[Run]) -> str:
         for case in run.regressed_prev:
             message = run.results[case].message.strip().splitlines()[:1]
             details.append(f"patch {n} regresses {case}: {message[0] if message else ''}")
+        details += [f"patch {n} fixes {case}" for case in run.fixed]
     return "\n".join([verdict(runs)[1], "", *lines, *(["", *details] if details else [])]) + "\n"
 
 
