@@ -18,6 +18,7 @@ from fixtures.oracle.notifier_rules import (
     check_stream,
     in_place_change,
     noop_invalidation,
+    pasid_invalidation,
     replay,
     window,
 )
@@ -47,7 +48,7 @@ def names(violations: list) -> set[str]:
 
 
 def test_every_rule_names_what_it_guards() -> None:
-    assert len({r.name for r in RULES}) == len(RULES) == 9
+    assert len({r.name for r in RULES}) == len(RULES) == 10
     for r in RULES:
         assert r.guards
 
@@ -189,6 +190,27 @@ def test_notifier_flags_rule(flags: NotifierFlag, op: DmaOp, bad: bool) -> None:
     stream = [ev(0, op, 0, P)]
     found = check_stream(stream, notifier_flags={"d0": flags, "other": NotifierFlag.UNMAP})
     assert names(found) == ({"notifier_flags"} if bad else set())
+
+
+def test_pasid_invalidation_reaches_only_its_own_pasid_space() -> None:
+    """notifier_hears_own_pasid_only: after an invalidation of PASID 1, traffic on the
+    notifier of PASID 1's address space is fine, traffic on RID_PASID's (0) is not; a device
+    the segment does not name is not judged."""
+    ours = [ev(0, M, 0, P, dev="p1"), ev(1, U, 0, P, dev="p1")]
+    spaces = {"d0": 0, "p1": 1}
+    accepted = check_stream(ours, segments=[pasid_invalidation(ours, 1, spaces)])
+    assert "notifier_hears_own_pasid_only" not in names(accepted)
+    leaked = [ev(0, M, 0, P, dev="d0"), ev(1, M, P, P, dev="p1")]
+    found = check_stream(leaked, segments=[pasid_invalidation(leaked, 1, spaces, label="psi")])
+    assert [(v.rule, v.event) for v in found] == [("notifier_hears_own_pasid_only", leaked[0])]
+    assert "PASID 0 address space" in found[0].message
+    assert "'psi'" in found[0].message
+    # the same traffic after an invalidation of PASID 0 is d0's own
+    assert check_stream(leaked, segments=[pasid_invalidation(leaked, 0, {"d0": 0})]) == []
+    # and an UNMAP counts as much as a MAP
+    unmap = [ev(0, M, 0, P, dev="d0"), ev(1, U, 0, P, dev="d0")]
+    found = check_stream(unmap, segments=[pasid_invalidation(unmap[1:], 2, {"d0": 0})])
+    assert [(v.rule, v.event) for v in found] == [("notifier_hears_own_pasid_only", unmap[1])]
 
 
 def test_window_selects_by_arrival_time() -> None:

@@ -5,30 +5,43 @@ at the spec's bit positions, and PSI blocks cover ranges exactly. No QEMU needed
 from __future__ import annotations
 
 import itertools
+from typing import cast
 
 import pytest
 
-from fixtures.oracle.walk import DeviceMode, DeviceView, walk_device
+from fixtures.oracle.walk import DeviceMode, DeviceView, Fault, walk_device
+from fixtures.qemu.pci_config import Bdf
+from fixtures.qemu.qtest import QTestClient
 from fixtures.vtd.context_tables import (
     ContextType,
     LegacyContextTables,
     PasidGranularTranslation,
     ScalableContextTables,
 )
-from fixtures.vtd.driver import psi_blocks
+from fixtures.vtd.driver import VtdDriver, psi_blocks
 from fixtures.vtd.invalidation import (
     CcGranularity,
     IotlbGranularity,
+    PasidCacheGranularity,
     PiotlbGranularity,
     context_cache,
     device_iotlb,
     iotlb,
+    pasid_cache,
+    pasid_device_iotlb,
     pasid_iotlb,
     wait,
 )
-from fixtures.vtd.page_tables import PAGE_2M, PAGE_4K, SecondLevelTables, TablePageAllocator
+from fixtures.vtd.page_tables import (
+    PAGE_1G,
+    PAGE_2M,
+    PAGE_4K,
+    SecondLevelTables,
+    TablePageAllocator,
+)
+from fixtures.vtd.registers import Capability
 
-RAM = 32 << 20
+RAM = 32 << 20  # the driver's table window (0x1000000-0x1800000) fits
 
 
 class Memory:
@@ -189,3 +202,173 @@ def test_device_iotlb_size_encoding(pages: int) -> None:
     decoded = 1 if pages == 1 else 2 << ones
     assert decoded == pages
     assert d.hi & ~((pages << 12) - 1) & ~1 == 0x40_0000
+
+
+# ---- first-stage tables and PASID entries (scalable mode) ------------------------------------
+
+
+class NoQtest:
+    """The driver's table-writing methods never touch qtest: any use is a test error."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"qtest.{name} used by a table-writing method")
+
+
+def offline_driver(mem: Memory, *, fs1gp: bool = True) -> VtdDriver:
+    driver = VtdDriver(cast("QTestClient", NoQtest()), mem, scalable=True)
+    driver.cap = Capability(1 << 56 if fs1gp else 0)  # as init() would have read CAP.FS1GP
+    return driver
+
+
+def walk(driver: VtdDriver, bdf: Bdf, pasid: int = 0, **kw: bool) -> DeviceView:
+    return walk_device(
+        driver.memory, driver.rtaddr, bdf.bus, bdf.devfn, scalable=True, pasid=pasid, **kw
+    )
+
+
+DEV = Bdf(0, 0x18)
+
+
+def test_first_stage_tables_walk_back_as_written(mem: Memory) -> None:
+    """4 KiB (read-only and read-write), 2 MiB and 1 GiB first-stage leaves written by the
+    driver are what the oracle's first-stage walker reads through a PGTT=1 PASID entry."""
+    driver = offline_driver(mem)
+    dom = driver.first_stage_domain(4)
+    dom.tables.map(0x1000_0000, 0x80_0000, 0x2000, write=False)
+    dom.tables.map(0x1000_2000, 0x90_0000, PAGE_4K)
+    dom.tables.map(0x4000_0000, 0x100_0000, PAGE_2M, page_size=PAGE_2M)
+    dom.tables.map(0x80_0000_0000, 0x4000_0000, PAGE_1G, page_size=PAGE_1G)
+    driver.attach(DEV, dom)
+    view = walk(driver, DEV)
+    assert view.mode is DeviceMode.TRANSLATED, view.describe()
+    assert view.domain_id == 4
+    assert view.faults == ()
+    want = [
+        (0x1000_0000, 0x80_0000, PAGE_4K, True, False),
+        (0x1000_1000, 0x80_1000, PAGE_4K, True, False),
+        (0x1000_2000, 0x90_0000, PAGE_4K, True, True),
+        (0x4000_0000, 0x100_0000, PAGE_2M, True, True),
+        (0x80_0000_0000, 0x4000_0000, PAGE_1G, True, True),
+    ]
+    assert leaves(view) == want
+    assert [t.level for t in sorted(view.translations, key=lambda t: t.iova)] == [1, 1, 1, 2, 3]
+    assert sorted((lf.iova, lf.gpa, lf.size, lf.read, lf.write) for lf in dom.tables.leaves()) == (
+        want
+    )
+    # without FS1GP the walker faults a 1 GiB leaf, and the driver refuses to write one
+    assert [f.level for f in walk(driver, DEV, fs1gp=False).faults] == [3]
+    with pytest.raises(ValueError, match="FS1GP"):
+        offline_driver(Memory(), fs1gp=False).first_stage_domain(1).tables.map(
+            0, 0x4000_0000, PAGE_1G, page_size=PAGE_1G
+        )
+    with pytest.raises(ValueError, match="readable"):
+        dom.tables.map(0x2000_0000, 0x80_0000, PAGE_4K, read=False)
+
+
+def test_first_stage_split_merge_and_unmap(mem: Memory) -> None:
+    driver = offline_driver(mem)
+    dom = driver.first_stage_domain(1)
+    driver.attach(DEV, dom)
+    dom.tables.map(PAGE_2M, 0x60_0000, PAGE_2M, page_size=PAGE_2M, write=False)
+    dom.tables.split(PAGE_2M)
+    split = walk(driver, DEV)
+    assert len(split.translations) == 512
+    assert all(t.gpa - t.iova == 0x60_0000 - PAGE_2M and not t.write for t in split.translations)
+    dom.tables.merge(PAGE_2M, 0x60_0000)
+    assert leaves(walk(driver, DEV)) == [(PAGE_2M, 0x60_0000, PAGE_2M, True, True)]
+    dom.tables.unmap(PAGE_2M, PAGE_2M, page_size=PAGE_2M)
+    assert walk(driver, DEV).translations == ()
+
+
+def test_pasid_entries_of_rid_pasid_and_other_pasids(mem: Memory) -> None:
+    """RID_PASID (0) second-stage, PASID 1 first-stage in the same PASID table, PASID 70 (the
+    second PASID table) pass-through, PASID 5 never written: each walks back as written."""
+    driver = offline_driver(mem)
+    sl = driver.domain(1)
+    sl.tables.map(0x3000, 0xA0_0000, PAGE_4K)
+    driver.attach(DEV, sl)
+    fs = driver.new_tables(first_stage=True)
+    fs.map(0x5000, 0xB0_0000, PAGE_4K)
+    driver.set_pasid_entry(DEV, 1, did=1, tables=fs)
+    driver.set_pasid_entry(DEV, 70, did=3, pass_through=True)
+    assert leaves(walk(driver, DEV)) == [(0x3000, 0xA0_0000, PAGE_4K, True, True)]
+    one = walk(driver, DEV, pasid=1)
+    assert (one.mode, one.domain_id, leaves(one)) == (
+        DeviceMode.TRANSLATED,
+        1,
+        [(0x5000, 0xB0_0000, PAGE_4K, True, True)],
+    )
+    seventy = walk(driver, DEV, pasid=70)
+    assert (seventy.mode, seventy.domain_id) == (DeviceMode.PASS_THROUGH, 3)
+    assert walk(driver, DEV, pasid=5).faults[0].reason is Fault.PASID_ENTRY_NOT_PRESENT
+    assert walk(driver, DEV, pasid=130).faults[0].reason is Fault.PASID_DIR_NOT_PRESENT
+    driver.clear_pasid_entry(DEV, 1)
+    assert walk(driver, DEV, pasid=1).faults[0].reason is Fault.PASID_ENTRY_NOT_PRESENT
+    assert walk(driver, DEV).mode is DeviceMode.TRANSLATED  # RID_PASID untouched
+
+
+def test_moved_pasid_directory_takes_effect_with_the_context_entry(mem: Memory) -> None:
+    driver = offline_driver(mem)
+    one, two = driver.domain(1), driver.domain(2)
+    one.tables.map(0x1000, 0xA0_0000, PAGE_4K)
+    two.tables.map(0x2000, 0xC0_0000, PAGE_4K)
+    driver.attach(DEV, one)
+    new_dir = driver.move_pasid_dir(DEV)
+    driver.set_pasid_entry(DEV, 0, did=2, tables=two.tables)
+    assert walk(driver, DEV).domain_id == 1  # the context entry still names the old directory
+    driver.set_context_entry(DEV)
+    view = walk(driver, DEV)
+    assert (view.domain_id, leaves(view)) == (2, [(0x2000, 0xC0_0000, PAGE_4K, True, True)])
+    ce = int.from_bytes(mem.read(driver._scalable().context_addr(DEV.bus, DEV.devfn), 8), "little")
+    assert (ce & ~0xFFF) == new_dir
+
+
+@pytest.mark.parametrize(
+    ("word", "bit"), [(0, 10), (0, 11), (1, 16), (2, 8), (4, 0), (7, 63), (0, 50)]
+)
+def test_reserved_pasid_entry_bits_block_the_pasid(mem: Memory, word: int, bit: int) -> None:
+    driver = offline_driver(mem)
+    dom = driver.domain(1)
+    dom.tables.map(0x1000, 0xA0_0000, PAGE_4K)
+    driver.attach(DEV, dom)
+    addr = driver.pasid_entry_addr(DEV, 0) + 8 * word
+    raw = int.from_bytes(mem.read(addr, 8), "little")
+    mem.write(addr, (raw | 1 << bit).to_bytes(8, "little"))
+    view = walk(driver, DEV)
+    assert view.mode is DeviceMode.BLOCKED
+    assert view.faults[0].reason is Fault.PASID_ENTRY_RESERVED
+
+
+def test_pasid_descriptors_at_spec_positions() -> None:
+    for gran, g in [
+        (PasidCacheGranularity.DOMAIN, 0),
+        (PasidCacheGranularity.PASID, 1),
+        (PasidCacheGranularity.GLOBAL, 3),
+    ]:
+        d = pasid_cache(gran, domain=0x21, pasid=0x1234)
+        assert (d.lo & 0xF, d.lo >> 4 & 3, d.lo >> 16 & 0xFFFF, d.lo >> 32 & 0xFFFFF) == (
+            7,
+            g,
+            0x21,
+            0x1234,
+        )
+        assert d.hi == 0
+    a = pasid_iotlb(PiotlbGranularity.PASID, domain=9, pasid=3)
+    assert (a.lo, a.hi) == (0x6 | 2 << 4 | 9 << 16 | 3 << 32, 0)
+    d = pasid_device_iotlb(0x0118, 0x42, 0x40_0000)
+    assert d.lo == 0x8 | 0x0118 << 16 | 0x42 << 32
+    assert d.hi == 0x40_0000
+    assert pasid_device_iotlb(0x18, 1, 0, global_=True).hi == 1
+
+
+@pytest.mark.parametrize("pages", [2, 4, 512])
+def test_pasid_device_iotlb_size_encoding(pages: int) -> None:
+    """S (bit 11) with the lowest zero bit of ADDR[63:12] giving the size."""
+    d = pasid_device_iotlb(0x18, 1, 0x4000_0000, pages)
+    assert d.hi & 1 << 11
+    ones, bits = 0, d.hi >> 12
+    while bits & 1:
+        ones += 1
+        bits >>= 1
+    assert 2 << ones == pages
+    assert d.hi & ~((pages << 12) - 1) & ~(1 << 11) == 0x4000_0000
