@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
+from conformance.known_bugs import U32_DMA_COUNT
 from fixtures.guest.machine import GUEST_IOMMU
 from fixtures.guest.vfio import GuestVfioDevice
 from fixtures.plugins.guest import GuestFactory
 from fixtures.plugins.vfio_user import VfioUserHostFactory
 from fixtures.rig.guest_rig import CheckedContainer, device_state
 from fixtures.vfio_user.dma_engine import DmaDirection, DmaPath, DmaStatus, FaultReason
+from fixtures.vfio_user.wire import DmaAccess
 from fixtures.vtd.registers import DMAR_BASE, RTADDR, RTADDR_SMT
 
 pytestmark = pytest.mark.guest
@@ -98,13 +100,6 @@ async def test_device_dma_both_directions_then_faults_after_unmap(
     assert r.status is DmaStatus.DONE, r
     assert bytes(srv.engine.buffer[:0x100]) == b"\x5a" * 0x100
 
-    # QEMU's own translation path (DMA_READ/DMA_WRITE messages) agrees with the host's.
-    srv.engine.buffer[:16] = b"client-path-ok!!"
-    r = await dev.dma(g, DmaDirection.TO_MEMORY, dst=IOVA + 0x10, length=16, path=DmaPath.CLIENT)
-    assert r.status is DmaStatus.DONE, r
-    got = await g.call("read", buffer="buf", offset=0x10, size=16)
-    assert bytes.fromhex(got) == b"client-path-ok!!"
-
     await c.unmap(IOVA, 4 * 4096)
     await c.check()
     before = await g.call("read", buffer="buf")
@@ -113,7 +108,34 @@ async def test_device_dma_both_directions_then_faults_after_unmap(
     assert r.status is DmaStatus.FAULT, r
     assert (r.fault_reason, r.fault_iova) == (FaultReason.UNMAPPED, IOVA + 0x1800)
     assert await g.call("read", buffer="buf") == before, "DMA after unmap reached the buffer"
-    # QEMU's translation faults too: the DMA_WRITE is refused and the guest sees a DMAR fault.
+
+
+@U32_DMA_COUNT
+async def test_client_path_dma_agrees_with_the_host_then_faults_after_unmap(
+    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+) -> None:
+    """QEMU's own translation path (vfio-user DMA_WRITE messages, translated by the vIOMMU)
+    lands where the guest mapped; after the unmap QEMU refuses the DMA_WRITE, the buffer stays
+    untouched and the guest logs the DMAR fault."""
+    srv = await vfio_user_host("devA")
+    g = await guest(devices=[srv.device_json(addr="0x3")])
+    c = CheckedContainer(g)
+    dev = GuestVfioDevice(srv, DEV_A_BDF)
+    await c.add(dev)
+    await c.alloc("buf", 4 * 4096)
+    await c.map("buf", IOVA)
+    await c.check()
+    sent = b"client-path-ok!!"
+    srv.engine.buffer[:16] = sent
+    r = await dev.dma(g, DmaDirection.TO_MEMORY, dst=IOVA + 0x10, length=16, path=DmaPath.CLIENT)
+    assert r.status is DmaStatus.DONE, r
+    got = bytes.fromhex(await g.call("read", buffer="buf", offset=0x10, size=16))
+    assert got == sent, DmaAccess.explain_landed(got, sent)
+
+    await c.unmap(IOVA, 4 * 4096)
+    await c.check()
+    before = await g.call("read", buffer="buf")
+    # The DMA_WRITE is refused and the guest sees a DMAR fault.
     r = await dev.dma(g, DmaDirection.TO_MEMORY, dst=IOVA + 0x10, length=16, path=DmaPath.CLIENT)
     assert (r.status, r.fault_reason) == (DmaStatus.FAULT, FaultReason.CLIENT_ERROR), r
     assert await g.call("read", buffer="buf") == before, "client-path DMA after unmap landed"

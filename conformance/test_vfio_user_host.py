@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from conformance.known_bugs import U32_DMA_COUNT
 from fixtures.oracle.dma_event import DmaOp
 from fixtures.qemu.errors import QMPCommandError, QMPTimeoutError
 from fixtures.qemu.pci_config import PCI_VENDOR_ID, Bdf, PciConfig
@@ -37,7 +38,6 @@ from fixtures.vfio_user.dma_engine import (
     FaultReason,
     start_writes,
 )
-from fixtures.vfio_user.errors import DmaLayoutMismatch
 from fixtures.vfio_user.host_mapping_table import HostMappingTable
 from fixtures.vfio_user.pci import BAR0_REGION, CONFIG_REGION, PCI_BASE_ADDRESS_0
 from fixtures.vfio_user.server import VfioUserServer
@@ -259,26 +259,10 @@ async def test_identity_map_with_intel_iommu_and_dmar_off(launch: Any, vfio_user
 # --- device DMA --------------------------------------------------------------------
 
 
-# QEMU 10.2's vfio-user client declares DMA_READ/DMA_WRITE as VFIOUserDMARW {hdr, u64 offset,
-# u32 count, data} (hw/vfio-user/protocol.h); the spec (docs/interop/vfio-user.rst) and 11.1
-# have a u64 count, so with 10.2 the data sits 4 bytes off. Measured on 10.2.2.
-U32_DMA_COUNT = pytest.mark.qemu_bug(
-    before=(11, 1),
-    reason="vfio-user client's DMA_READ/DMA_WRITE use VFIOUserDMARW's u32 count "
-    "(hw/vfio-user/protocol.h) where the spec has a u64 count: DMA data lands 4 bytes off",
-)
 DMA_PATHS = [
     pytest.param(DmaPath.HOST_IOMMU, id="host-iommu"),
     pytest.param(DmaPath.CLIENT, id="client", marks=U32_DMA_COUNT),
 ]
-
-
-def landed(written: bytes, sent: bytes) -> str:
-    """The failure text for DMA data that did not arrive as sent: the wire layout when that
-    is the cause, else the bytes."""
-    if DmaAccess.landed_with_u32_count(written, sent):
-        return str(DmaLayoutMismatch("DMA_WRITE"))
-    return f"guest memory {written!r}, sent {sent!r}"
 
 
 @pytest.mark.parametrize("path", DMA_PATHS)
@@ -296,7 +280,7 @@ async def test_dma_copy_lands_at_the_right_gpa(
     status = await run_dma(machine, DmaDirection.COPY, path, src=src, dst=dst, length=len(pattern))
     assert status == DmaStatus.DONE, host.engine.transfers[-1].detail or host.engine.transfers
     written = await machine.qtest.memread(dst, len(pattern))
-    assert written == pattern, landed(written, pattern)
+    assert written == pattern, DmaAccess.explain_landed(written, pattern)
     assert machine.ram.read(dst, len(pattern)) == pattern
     assert await machine.qtest.memread(dst - 16, 16) == before, "DMA wrote before its target"
     assert host.engine.transfers[-1].path is path
@@ -325,7 +309,7 @@ async def test_dma_buffer_round_trip(launch: Any, vfio_user_host: Any, path: Dma
     status = await run_dma(machine, DmaDirection.TO_MEMORY, path, dst=target, length=len(message))
     assert status == DmaStatus.DONE, host.engine.transfers[-1].detail
     written = machine.ram.read(target, len(message))
-    assert written == message, landed(written, message)
+    assert written == message, DmaAccess.explain_landed(written, message)
     machine.ram.write(target + 0x10000, b"from guest RAM!!")
     status = await run_dma(machine, DmaDirection.FROM_MEMORY, path, src=target + 0x10000, length=16)
     assert status == DmaStatus.DONE
