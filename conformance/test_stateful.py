@@ -15,8 +15,8 @@ The table space it covers:
 - IOVAs at 4 GiB, just below and inside the interrupt window (0xfee00000-0xfeefffff is not in
   any IOMMU notifier: a page there is invisible to the host), at the top of a 3-level and of a
   4-level address width;
-- PSIs exact, one PSI of the smallest aligned block of at least 2 MiB covering the change, and
-  one of the whole 1 GiB (am=18, a whole PDPTE) around it;
+- PSIs exact, one PSI of an aligned block of 2^9..2^18 pages around the change, and one of
+  the whole 1 GiB (am=18, a whole PDPTE) around it;
 - scalable mode: PASID-entry PGTT switches (second-stage <-> pass-through, second-stage to
   another domain) announced by PASID-cache invalidations (PASID-selective, domain, global)
   and the PASID-based IOTLB flush, and PASID-cache invalidations that change nothing.
@@ -45,7 +45,10 @@ VIOMMU_FUZZ_KNOWN_BUGS=1 generates those too (to watch a bug found and shrunk).
 `--fuzz-examples N` runs N random examples (default: FUZZ_EXAMPLES_CI derandomized ones).
 At the end the case prints a coverage summary (`-s` shows it; it is also written to
 coverage.txt in the test's artefact directory, kept with --keep-artefacts): per feature, the
-steps that generated it and passed the check, and those of them a translating device saw.
+steps that generated it and passed the check, and those of them where a device translated
+through the edited tables (device and PASID-entry steps always count as seen), then the
+features never generated ("mixed change": an edit that both replaced and added pages, checked
+as a plain step; known-bug features only count with VIOMMU_FUZZ_KNOWN_BUGS=1).
 With VIOMMU_FUZZ_STATS=path the case writes {"ops", "seconds", "fuzz_ops_per_s", "examples",
 "steps", "coverage"} there (ci/bench).
 """
@@ -100,8 +103,8 @@ from fixtures.vtd.page_tables import (
 
 pytestmark = pytest.mark.qtest
 
-FUZZ_EXAMPLES_CI = 6
-STEPS = 25
+FUZZ_EXAMPLES_CI = 12
+STEPS = 30
 STEP_TIMEOUT_S = 60.0
 MEMORY_MIB = 2048  # RAM up to 2 GiB: a 1 GiB leaf has RAM to point at (GIG_GPA)
 GPA_PAGES = 0x2000  # 32 MiB of target pages above DATA_BASE
@@ -145,7 +148,7 @@ class Scope(enum.Enum):
     """How a table edit (or a no-op) is flushed."""
 
     PSI = "psi"  # page-selective IOTLB invalidations covering the change exactly
-    PSI_REGION = "psi-wide"  # one PSI: the smallest aligned block >= 2 MiB around the change
+    PSI_REGION = "psi-wide"  # one PSI: an aligned block of 2^9..2^18 pages around the change
     PSI_1G = "psi-1g"  # one PSI am=18: the whole 1 GiB (PDPTE) around the change
     DSI = "dsi"  # domain-selective IOTLB
     GLOBAL = "global"  # global IOTLB
@@ -185,6 +188,7 @@ SCOPES = st.sampled_from(Scope)
 KNOWN_BUGS = os.environ.get("VIOMMU_FUZZ_KNOWN_BUGS") == "1"
 
 # ---- coverage ------------------------------------------------------------------------------
+KNOWN_BUG_TAG = "" if KNOWN_BUGS else " (known bug: off)"
 # What the machine is meant to cover; the summary lists every feature, 0 = never generated.
 FEATURES: tuple[str, ...] = (
     *(f"leaf L{lv} ({sz}) {p}" for lv, sz in ((1, "4K"), (2, "2M"), (3, "1G")) for p in PERMS),
@@ -206,10 +210,9 @@ FEATURES: tuple[str, ...] = (
     "split 1G (Linux-style)",
     "merge 4K table -> 2M leaf",
     "merge -> 1G leaf",
-    "mixed change (pages changed and added)",
     *(f"PGTT second-stage -> pass-through [{s.value}]" for s in PcScope),
     *(f"PGTT second-stage -> other domain [{s.value}]" for s in PcScope),
-    *(f"PGTT pass-through -> second-stage [{s.value}]" for s in PcScope),
+    *(f"PGTT pass-through -> second-stage [{s.value}]{KNOWN_BUG_TAG}" for s in PcScope),
     *(f"no-op {s.value}" for s in PcScope),
     "context -> pass-through",
     "context -> none",
@@ -238,7 +241,7 @@ def coverage_summary() -> str:
     extra = sorted(set(COVERAGE) - set(FEATURES))
     for feature in (*FEATURES, *extra):
         lines.append(f"{feature:{width}}  {COVERAGE[feature]:7}  {OBSERVED[feature]:10}")
-    missing = [f for f in FEATURES if not COVERAGE[f]]
+    missing = [f for f in FEATURES if not COVERAGE[f] and not f.endswith(KNOWN_BUG_TAG or "\0")]
     lines.append(f"not generated: {', '.join(missing) if missing else 'none'}")
     return "\n".join(lines)
 
@@ -268,6 +271,13 @@ class FuzzStats:
 # read, write). A host sees a change of any of these as UNMAP + MAP of the leaf.
 Key = tuple[int, int, int, bool, bool]
 Seg = tuple[int, int, Key]
+
+
+def spans_ir_window(base: int, level: int) -> bool:
+    """A non-leaf entry whose range reaches both IOMMU notifiers (below and above the
+    interrupt window): QEMU notifies its non-present state whole to both (see
+    test_cleared_entry_across_interrupt_window_unmaps_only_its_mappings)."""
+    return base < IR_WINDOW[0] and base + span_of(level) > IR_WINDOW[1]
 
 
 def outside_ir_window(start: int, end: int) -> list[tuple[int, int]]:
@@ -403,7 +413,8 @@ class VtdStateMachine(RuleBasedStateMachine):
             case Scope.PSI:
                 blocks = psi_blocks(iova, size, driver.mamv)
             case Scope.PSI_REGION:
-                blocks = self.covering_block(iova, size, 9)
+                # 2^9..2^18 pages: the mask varies with the region (a step stays replayable)
+                blocks = self.covering_block(iova, size, 9 + (iova >> 21) % 10)
             case Scope.PSI_1G:
                 blocks = self.covering_block(iova, size, 18)
             case Scope.DSI:
@@ -822,6 +833,7 @@ class VtdStateMachine(RuleBasedStateMachine):
                 (did, index, lv)
                 for lv in range(lowest, self.levels(did) + 1)
                 if not self.blocked(did, REGIONS[index].iova, lv)
+                and (KNOWN_BUGS or not spans_ir_window(REGIONS[index].iova, lv))
             ]
         return out
 
@@ -959,14 +971,20 @@ class VtdStateMachine(RuleBasedStateMachine):
         return out
 
     @precondition(lambda self: self.rig is not None and bool(self.pointers()))
-    @rule(data=st.data(), perm=st.sampled_from(sorted(POINTER_PERMS)), scope=SCOPES)
-    def pointer_permission(self, data: st.DataObject, perm: str, scope: Scope) -> None:
+    @rule(data=st.data(), scope=SCOPES)
+    def pointer_permission(self, data: st.DataObject, scope: Scope) -> None:
         """A non-leaf entry's R/W bits: read-only, write-only, neither (not present, its table
-        kept) or both again. The walk ANDs them with every level below."""
+        kept) or both again. The walk ANDs them with every level below. An entry reaching
+        both notifiers is only made read-only or read-write (so no combination leaves it
+        without access: the known whole-entry UNMAP, see spans_ir_window)."""
         did, index, level = data.draw(st.sampled_from(self.pointers()), label="entry")
         iova = REGIONS[index].iova
         span = span_of(level)
         base = iova - iova % span
+        allowed = sorted(POINTER_PERMS)
+        if spans_ir_window(base, level) and not KNOWN_BUGS:
+            allowed = ["r", "rw"]
+        perm = data.draw(st.sampled_from(allowed), label="perm")
         addr = self.pointer_entry(did, iova, level)
         assert addr is not None
         read, write = POINTER_PERMS[perm]
@@ -1122,7 +1140,7 @@ class VtdStateMachine(RuleBasedStateMachine):
 
         self.run(self._switch(f"{name} PASID entry {current} -> {target} [{scope.value}]", go()))
         if current == "pt":
-            feature = f"PGTT pass-through -> second-stage [{scope.value}]"
+            feature = f"PGTT pass-through -> second-stage [{scope.value}]{KNOWN_BUG_TAG}"
         elif target == "pt":
             feature = f"PGTT second-stage -> pass-through [{scope.value}]"
         else:
@@ -1184,6 +1202,39 @@ class VtdStateMachine(RuleBasedStateMachine):
 
         self.run(go())
         self.stats.steps += 1
+
+
+CLEARED_ENTRY_UNMAPS_BOTH_NOTIFIERS = (
+    "QEMU 11.1.3: a non-present entry whose range spans the interrupt window is notified whole "
+    "to both IOMMU notifiers of the device (vtd_page_walk_level sends one UNMAP event of the "
+    "entry's whole range once vtd_page_walk_one finds any mapping under it in the iova_tree; "
+    "memory_region_notify_iommu_one crops it to each notifier), so the notifier below "
+    "0xfee00000, where nothing was ever mapped, gets an UNMAP of [0, 0xfee00000): a DMA_UNMAP "
+    "round trip per such flush, outside every changed range (found by the stateful machine: "
+    "PML4E 0 made non-present over a 1 GiB leaf at 4 GiB). trace: 'vtd_inv_desc_iotlb_pages "
+    "iotlb invalidate domain 0x1 addr 0x100000000 mask 0x12', 'vtd_page_walk_one domain 0x1 "
+    "iova 0x0 -> gpa 0x... mask 0x7fffffffff perm 0', 'vfio_iommu_map_notify iommu UNMAP @ "
+    "0xfef00000 - 0x7fffffffff', 'vfio_iommu_map_notify iommu UNMAP @ 0x0 - 0xfedfffff'."
+)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=CLEARED_ENTRY_UNMAPS_BOTH_NOTIFIERS)
+async def test_cleared_entry_across_interrupt_window_unmaps_only_its_mappings(
+    vtd_rig: RigFactory,
+) -> None:
+    """PML4E 0 (IOVAs 0-512 GiB, across the interrupt window) goes non-present above a 1 GiB
+    leaf at 4 GiB, flushed with one PSI am=18 over the leaf: the leaf is unmapped, and the
+    notifier below the interrupt window, which holds nothing, hears nothing."""
+    rig = await vtd_rig(devices=("d0",), memory_mib=MEMORY_MIB)
+    await rig.translate({"d0": 1})
+    dom = rig.driver.domain(1)
+    async with rig.step("1 GiB leaf at 4 GiB"):
+        await rig.driver.map(dom, GIG_SLOT, GIG_GPA, PAGE_1G, page_size=PAGE_1G)
+    dom.tables.clear_pointer(GIG_SLOT, 4)
+    async with rig.change_step(
+        "PML4E 0 non-present, psi am=18", [(GIG_SLOT, PAGE_1G)], remapped=False
+    ):
+        await rig.driver.iotlb_psi(1, GIG_SLOT, 18)
 
 
 @pytest.mark.slow
