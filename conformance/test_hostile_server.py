@@ -1,0 +1,285 @@
+"""A hostile vfio-user server: replies QEMU's client must survive (qtest tier, no guest OS).
+
+The server answers honestly except for one misbehaviour (fixtures/vfio_user/hostile.py, the
+server's `misbehaviour` hook). Each case device_adds the device into a PCIe root port and pins
+what QEMU does: refuse the device with a clear error (device_add fails, the half-made device is
+gone and its socket closed) or realize it. Whatever the outcome, QEMU must keep running, answer
+QMP, leak no fd of the hostile reply, leave guest RAM untouched, and still take an honest
+device in the other root port afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from fixtures.qemu.errors import QMPCommandError
+from fixtures.qemu.pci_config import Bdf, PciConfig
+from fixtures.qemu.qtest_machine import QTestMachine
+from fixtures.qemu.spec import MachineSpec
+from fixtures.vfio_user import hostile
+from fixtures.vfio_user.pci import BAR0_REGION, CONFIG_REGION
+from fixtures.vfio_user.server import VfioUserServer
+from fixtures.vfio_user.wire import MAX_DATA_XFER, Command
+
+pytestmark = pytest.mark.qtest
+
+RAM_MIB = 256
+MSG_TIMEOUT_MS = 500  # x-msg-timeout: a reply QEMU waits for in vain costs this much
+PORTS = (Bdf(0, 2), Bdf(0, 4))
+
+
+ABORTS_IN_REALIZE_ERROR_PATH = pytest.mark.qemu_bug(
+    before=(11, 1),
+    reason=(
+        "device_add refused by the vfio-user client's realize aborts QEMU: the error path "
+        "takes a mutex that was never initialised ('util/qemu-thread-posix.c:92: "
+        "qemu_mutex_lock_impl: Assertion `mutex->initialized' failed', SIGABRT, after "
+        "'unexpected reply' / 'unexpected FDs in reply' / an absurd DEVICE_GET_INFO count)"
+    ),
+)
+
+
+async def hostile_machine(launch: Any) -> QTestMachine:
+    spec = MachineSpec(
+        accel="qtest",
+        memory_mib=RAM_MIB,
+        iommu=None,
+        devices=[
+            {
+                "driver": "pcie-root-port",
+                "id": f"rp{i}",
+                "bus": "pcie.0",
+                "addr": hex(p.dev),
+                "chassis": i + 1,
+                "slot": i + 1,
+            }
+            for i, p in enumerate(PORTS)
+        ],
+        extra_args=["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"],
+    )
+    machine = await launch(spec)
+    assert isinstance(machine, QTestMachine)
+    cfg = PciConfig(machine.qtest)
+    for i, port in enumerate(PORTS):
+        await cfg.set_bridge_buses(port, i + 1, i + 1)
+    return machine
+
+
+def open_fds(machine: QTestMachine) -> int:
+    assert machine.pid is not None
+    return len(os.listdir(f"/proc/{machine.pid}/fd"))
+
+
+async def pci_ids(machine: QTestMachine) -> set[str]:
+    found: set[str] = set()
+
+    def visit(devices: list[dict[str, Any]]) -> None:
+        for device in devices:
+            found.add(device["qdev_id"])
+            visit(device.get("pci_bridge", {}).get("devices", []))
+
+    for bus in await machine.qmp("query-pci"):
+        visit(bus["devices"])
+    return found
+
+
+async def plug_hostile(
+    launch: Any, vfio_user_host: Any, misbehaviour: hostile.Rewrite
+) -> tuple[QTestMachine, VfioUserServer, str | None]:
+    """device_add a device whose server misbehaves; (machine, host, device_add's error or None
+    if QEMU took the device). Checks QEMU survived and an honest device still plugs."""
+    machine = await hostile_machine(launch)
+    fds_before = open_fds(machine)
+    ram_before = machine.ram.read(0, machine.ram.size)
+    host = await vfio_user_host("bad0")
+    host.misbehaviour = misbehaviour
+    # A crash must fail the case itself (so that a known one is a strict xfail), not only the
+    # launcher's teardown: the checks below assert QEMU is still running.
+    machine.exit_expected = True
+    props = {"x-msg-timeout": MSG_TIMEOUT_MS}
+    error: str | None = None
+    try:
+        await machine.qmp("device_add", **host.device_json(bus="rp0", **props))
+    except QMPCommandError as refused:
+        error = refused.desc
+    assert misbehaviour.hits > 0, "the misbehaviour never happened"
+    assert machine.running, f"QEMU died: {machine.stderr_tail()}"
+    present = "bad0" in await pci_ids(machine)
+    if error is not None:
+        assert not present, f"device_add failed ({error}) but bad0 is on the bus"
+        await host.wait_disconnected(timeout=5.0)
+        assert open_fds(machine) <= fds_before, "a refused device left fds open in QEMU"
+    else:
+        assert present
+    assert machine.ram.read(0, machine.ram.size) == ram_before, "guest RAM changed"
+    honest = await vfio_user_host("ok0")
+    await machine.qmp("device_add", **honest.device_json(bus="rp1", **props))
+    assert "ok0" in await pci_ids(machine)
+    return machine, host, error
+
+
+# --- VERSION -----------------------------------------------------------------------------
+
+
+CAPS = {"capabilities": {"max_msg_fds": 16, "max_data_xfer_size": MAX_DATA_XFER}}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(b"{not json\0", "malformed capabilities", id="malformed-json"),
+        pytest.param(b"[1, 2]\0", "not an object", id="not-an-object"),
+        pytest.param(json.dumps(CAPS).encode(), "corrupt version reply", id="no-nul"),
+        pytest.param(
+            json.dumps({"capabilities": {"max_data_xfer_size": 1 << 40}}).encode() + b"\0",
+            "max_data_xfer_size",
+            id="max-xfer-2^40",
+        ),
+        pytest.param(
+            json.dumps({"capabilities": {"max_msg_fds": -1}}).encode() + b"\0",
+            "max_msg_fds",
+            id="negative-max-fds",
+        ),
+    ],
+)
+async def test_version_with_bad_caps_is_refused(
+    launch: Any, vfio_user_host: Any, text: bytes, message: str
+) -> None:
+    _machine, _host, error = await plug_hostile(launch, vfio_user_host, hostile.version_caps(text))
+    assert error is not None
+    assert message in error, error
+
+
+async def test_version_with_oversized_caps_is_refused(launch: Any, vfio_user_host: Any) -> None:
+    """512 KiB of (valid) JSON: bigger than the buffer QEMU sized for its own request."""
+    big = {"capabilities": {"padding": "x" * (512 << 10)}}
+    caps = json.dumps(big).encode() + b"\0"
+    _machine, _host, error = await plug_hostile(launch, vfio_user_host, hostile.version_caps(caps))
+    assert error is not None, "QEMU took a device whose VERSION reply overflowed its buffer"
+
+
+@pytest.mark.qemu_bug(
+    before=(11, 1),
+    reason="a bare-header VERSION reply is accepted: vfio_user_validate_version "
+    "(hw/vfio-user/proxy.c) checks reply[hdr.size - sizeof(*msgp) - 1] (index -5 for a "
+    "16-byte reply) and then parses the major/minor and capabilities left in its own request "
+    "buffer, so the device realizes without the server ever naming a version",
+)
+async def test_version_reply_without_payload(launch: Any, vfio_user_host: Any) -> None:
+    """A VERSION reply that is the bare header: no version, no capabilities."""
+    misbehaviour = hostile.Rewrite(Command.VERSION, lambda _h, _p, _r: b"")
+    _machine, _host, error = await plug_hostile(launch, vfio_user_host, misbehaviour)
+    assert error is not None, "QEMU took a VERSION reply without a version"
+
+
+# --- DEVICE_GET_INFO / REGION_INFO ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("regions", "irqs"),
+    [
+        pytest.param(0xFFFF_FFFF, 5, id="regions-2^32-1", marks=ABORTS_IN_REALIZE_ERROR_PATH),
+        pytest.param(9, 0xFFFF_FFFF, id="irqs-2^32-1", marks=ABORTS_IN_REALIZE_ERROR_PATH),
+        pytest.param(0, 0, id="none"),
+    ],
+)
+async def test_device_info_with_absurd_counts_is_refused(
+    launch: Any, vfio_user_host: Any, regions: int, irqs: int
+) -> None:
+    misbehaviour = hostile.device_info(num_regions=regions, num_irqs=irqs)
+    _machine, _host, error = await plug_hostile(launch, vfio_user_host, misbehaviour)
+    assert error is not None, f"QEMU took a device with {regions} regions, {irqs} IRQs"
+
+
+ABORTS_ON_BAR_SIZE = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "QEMU bug: a REGION_INFO whose BAR size is not a power of two aborts QEMU at "
+        "device_add: vfio_bar_register -> pci_register_bar (hw/pci/pci.c:1515) asserts "
+        "is_power_of_2(size) on the size the server sent ('pci_register_bar: Assertion "
+        "`is_power_of_2(size)' failed', SIGABRT); a server's reply must not be able to kill "
+        "QEMU (realize should fail)"
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("index", "size", "offset", "refused"),
+    [
+        # Taken as is: a 2^63 BAR, a region offset that wraps (the offset is only used for
+        # the device fd's mmap, which vfio-user does not have), a 16-byte config space.
+        pytest.param(BAR0_REGION, 1 << 63, None, False, id="bar0-2^63"),
+        pytest.param(BAR0_REGION, 0x1000, (1 << 64) - 0x10, False, id="bar0-offset-wraps"),
+        pytest.param(
+            CONFIG_REGION,
+            0x10,
+            None,
+            False,
+            id="config-16-bytes",
+            marks=pytest.mark.qemu_bug(
+                before=(11, 1),
+                reason="a 16-byte config region corrupts QEMU's heap at device_add "
+                "('malloc(): invalid size (unsorted)', SIGABRT): the vfio-pci realize reads "
+                "and emulates 256 bytes of config space from a region the server sized 16",
+            ),
+        ),
+        pytest.param(
+            BAR0_REGION, (1 << 64) - 0x1000, None, True, id="bar0-2^64-4k", marks=ABORTS_ON_BAR_SIZE
+        ),
+    ],
+)
+async def test_region_info_that_overflows(
+    launch: Any, vfio_user_host: Any, index: int, size: int, offset: int | None, refused: bool
+) -> None:
+    misbehaviour = hostile.region_info(index, size=size, offset=offset)
+    _machine, _host, error = await plug_hostile(launch, vfio_user_host, misbehaviour)
+    assert (error is not None) == refused, error
+
+
+# --- framing: ids, commands, fds, sizes -----------------------------------------------------
+
+
+@ABORTS_IN_REALIZE_ERROR_PATH
+async def test_reply_with_wrong_id_is_refused(launch: Any, vfio_user_host: Any) -> None:
+    _machine, _host, error = await plug_hostile(
+        launch, vfio_user_host, hostile.wrong_id(Command.DEVICE_GET_INFO)
+    )
+    assert error is not None
+
+
+async def test_reply_with_wrong_command_is_taken(launch: Any, vfio_user_host: Any) -> None:
+    """QEMU matches a reply by id only (vfio_user_recv_one): a DEVICE_GET_INFO reply with
+    DMA_MAP in its command field is taken as the answer, and the device realizes."""
+    _machine, _host, error = await plug_hostile(
+        launch, vfio_user_host, hostile.wrong_command(Command.DEVICE_GET_INFO, Command.DMA_MAP)
+    )
+    assert error is None
+
+
+@ABORTS_IN_REALIZE_ERROR_PATH
+@pytest.mark.parametrize("count", [pytest.param(1, id="one"), pytest.param(40, id="forty")])
+async def test_reply_with_unexpected_fds(launch: Any, vfio_user_host: Any, count: int) -> None:
+    _machine, _host, error = await plug_hostile(
+        launch, vfio_user_host, hostile.with_fds(Command.DEVICE_GET_INFO, count)
+    )
+    assert error is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "QEMU bug: a REGION_READ reply 2 bytes longer than asked kills QEMU with SIGSEGV at "
+        "device_add: vfio_user_recv_one (hw/vfio-user/proxy.c) reports 'reply larger than "
+        "recv buffer' and jumps to 'err' without reading the body, the body is parsed as the "
+        "next header ('bad header size', proxy goes to VFIO_PROXY_ERROR), then 'vfio_wait_reqs "
+        "- timed out' and the process segfaults in the realize's error path"
+    ),
+)
+async def test_region_read_reply_of_the_wrong_size(launch: Any, vfio_user_host: Any) -> None:
+    misbehaviour = hostile.region_read(count_delta=2, data_delta=2, region=CONFIG_REGION)
+    _machine, _host, error = await plug_hostile(launch, vfio_user_host, misbehaviour)
+    assert error is not None
