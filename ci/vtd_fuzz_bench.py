@@ -5,9 +5,10 @@ machine (conformance/test_stateful.py), measured by one pytest run of that case.
     record = measure_fuzz_ops_per_s(qemu, examples=20)
     print(f"fuzz_ops_per_s: {record['fuzz_ops_per_s']}")
 
-`record` is {"ops", "steps", "examples", "seconds", "fuzz_ops_per_s"}: ops are invalidation
-descriptors whose step passed the host-vs-oracle check; seconds is the machine's whole run,
-QEMU start-up per example included (what a user waits for).
+`record` is {"ops", "steps", "examples", "seconds", "fuzz_ops_per_s", "coverage"}: ops are
+invalidation descriptors whose step passed the host-vs-oracle check; seconds is the machine's
+whole run, QEMU start-up per example included (what a user waits for); coverage counts the
+steps per table-space feature that passed (the case's summary, FEATURES in the case).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from fixtures import HarnessError
 
@@ -37,7 +38,7 @@ def measure_fuzz_ops_per_s(
     python: str = sys.executable,
     repo: Path | None = None,
     timeout: float = TIMEOUT_S,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     root = repo or Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="fuzz-bench-") as tmp:
         stats = Path(tmp) / "stats.json"
@@ -62,9 +63,11 @@ def measure_fuzz_ops_per_s(
         if done.returncode != 0 or not stats.exists():
             tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
             raise FuzzBenchError("stateful machine failed:\n" + "\n".join(tail))
-        return cast("dict[str, float]", json.loads(stats.read_text()))
+        return cast("dict[str, Any]", json.loads(stats.read_text()))
 
 
 if __name__ == "__main__":
     result = measure_fuzz_ops_per_s(sys.argv[1], examples=int(sys.argv[2]) if sys.argv[2:] else 20)
+    coverage = result.pop("coverage", {})
     print(f"fuzz_ops_per_s: {result['fuzz_ops_per_s']} {json.dumps(result)}")
+    print(f"fuzz_features_covered: {sum(1 for n in coverage.values() if n)}")
