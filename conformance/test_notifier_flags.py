@@ -52,6 +52,7 @@ async def test_caching_mode_off_realizes_and_works_untranslated(vtd_rig: RigFact
     await rig.check("caching-mode=off, DMAR off")
 
 
+@pytest.mark.qemu_stderr(r"hardware error: vfio: DMA mapping failed")
 async def test_caching_mode_off_refuses_map_notifier_on_dmar_enable(vtd_rig: RigFactory) -> None:
     """vtd_iommu_notify_flag_changed: MAP without caching-mode is refused ('requires caching mode');
     vfio then stops QEMU (hw_error 'DMA mapping failed')."""
@@ -59,6 +60,7 @@ async def test_caching_mode_off_refuses_map_notifier_on_dmar_enable(vtd_rig: Rig
     await refused_on_dmar_enable(rig, "requires caching mode")
 
 
+@pytest.mark.qemu_stderr(r"hardware error: vfio: DMA mapping failed")
 async def test_snoop_control_rejects_every_notifier(vtd_rig: RigFactory) -> None:
     """vtd_iommu_notify_flag_changed: snoop-control=on refuses vfio's notifier; QEMU stops rather
     than run unprotected."""
