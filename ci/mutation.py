@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ci.build_qemu import BuildError, build_tree
+from ci.gate import with_suite_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = ROOT / "ci" / "mutation_equivalent.toml"
@@ -179,6 +180,14 @@ def equivalents() -> dict[tuple[str, str, str, str], str]:
     }
 
 
+def write_fresh(source: Path, dest: Path) -> None:
+    """Copy `source` over `dest` with a new modification time: ninja rebuilds by mtime, and a
+    mutant (or the original) generated before the last build would otherwise look older than
+    the object built from the other and be silently skipped."""
+    shutil.copyfile(source, dest)
+    os.utime(dest, None)
+
+
 def first_failure(junit: Path) -> str:
     try:
         root = ET.parse(junit).getroot()
@@ -193,8 +202,16 @@ def first_failure(junit: Path) -> str:
 class Campaign:
     """One mutation run over a tree: baseline, then each sampled mutant, resumable."""
 
-    def __init__(self, tree: Path, build: Path, out: Path, pytest_args: list[str], timeout: float):
-        self.tree, self.build, self.out = tree, build, out
+    def __init__(
+        self,
+        tree: Path,
+        build: Path,
+        out: Path,
+        pytest_args: list[str],
+        timeout: float,
+        suite: Path = ROOT,
+    ) -> None:
+        self.tree, self.build, self.out, self.suite = tree, build, out, suite
         self.pytest_args = pytest_args
         self.timeout = timeout
         self.results_path = out / "results.json"
@@ -205,7 +222,7 @@ class Campaign:
     def restore(self, file: str) -> None:
         backup = self.out / "originals" / file
         if backup.is_file() and (self.tree / file).read_bytes() != backup.read_bytes():
-            shutil.copy2(backup, self.tree / file)
+            write_fresh(backup, self.tree / file)
 
     def keep_original(self, file: str) -> None:
         backup = self.out / "originals" / file
@@ -223,14 +240,15 @@ class Campaign:
         junit.parent.mkdir(parents=True, exist_ok=True)
         junit.unlink(missing_ok=True)
         cmd = [
-            sys.executable, "-m", "pytest", "conformance", "-x", "-q", "-p", "no:cacheprovider",
+            sys.executable, "-m", "pytest", *with_suite_paths(self.pytest_args), "-x", "-q",
+            "-p", "no:cacheprovider",
             f"--qemu={qemu}", f"--junitxml={junit}", f"--artefacts={self.out / 'artefacts'}",
-            *self.pytest_args,
         ]  # fmt: skip
         with (self.out / "junit" / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=dict(os.environ, VIOMMU_QEMU=str(qemu)),
+                cmd, cwd=self.suite, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                env=dict(os.environ, VIOMMU_QEMU=str(qemu), PYTHONPATH=str(ROOT)),
             )  # fmt: skip
             try:
                 return proc.wait(timeout=timeout), first_failure(junit)
@@ -260,7 +278,7 @@ class Campaign:
 
     def run(self, mutant: Mutant) -> Outcome:
         start = time.monotonic()
-        shutil.copy2(mutant.source, self.tree / mutant.file)
+        write_fresh(Path(mutant.source), self.tree / mutant.file)
         try:
             try:
                 qemu = self.qemu()
@@ -377,13 +395,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="default: artefacts/mutation-<tree name>")
     parser.add_argument("--timeout", type=float, help="per mutant (default: 3x the baseline)")
+    parser.add_argument("--suite", type=Path, default=ROOT, help=argparse.SUPPRESS)  # self-tests
     options = parser.parse_args(argv)
     tree = options.qemu_src.resolve()
     out = (options.output or ROOT / "artefacts" / f"mutation-{tree.name}").absolute()
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     pytest_args = pytest_args or ["-m", "qtest"]
     campaign = Campaign(tree, (options.build or tree / "build-viommu").absolute(), out,
-                        pytest_args, options.timeout or 0.0)  # fmt: skip
+                        pytest_args, options.timeout or 0.0, options.suite.resolve())  # fmt: skip
     touched: set[str] = set()
     try:
         chosen = select_lines(tree, parse_functions(options.functions), options.lines_of)
