@@ -4,7 +4,10 @@ generation restricted to lines, and the report's arithmetic. A real campaign bui
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from ci.mutation import (
     parse_functions,
     report,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 C_SOURCE = textwrap.dedent(
     """\
@@ -97,3 +102,110 @@ def test_parse_functions_keeps_each_function_with_its_file() -> None:
         "hw/i386/intel_iommu.c": ("vtd_iommu_replay",),
         "hw/vfio/listener.c": ("vfio_iommu_map_notify",),
     }
+
+
+# --- a whole campaign on a fake tree ------------------------------------------------------
+# The "QEMU" built from the fake tree is a script that prints its intel_iommu.c; the "suite" is
+# one test that reads it. Mutants of the guard line are killed, a mutant that makes the suite
+# hang times out, deleting the fallback return breaks the build, and a mutant of the comment-
+# free constant survives. configure/ninja/pkg-config are fakes on PATH, so this runs anywhere.
+
+FAKE_SOURCE = """\
+static int vtd_iommu_replay(int x)
+{
+    if (x > 0) {
+        return 7;
+    }
+    return 0;
+}
+"""
+FAKE_CONFIGURE = """\
+#!/bin/sh
+if [ "$1" = --help ]; then exit 0; fi
+src=$(cd "$(dirname "$0")" && pwd)
+echo "$src" > src
+mkdir -p pc-bios
+for f in bios-256k.bin kvmvapic.bin linuxboot_dma.bin; do : > pc-bios/$f; done
+echo "# fake" > build.ninja
+"""
+FAKE_NINJA = """\
+#!/bin/sh
+# ninja -C DIR -jN TARGET: "compile" intel_iommu.c into a script that prints it.
+src=$(cat "$2/src")
+grep -q "return 0;" "$src/hw/i386/intel_iommu.c" ||
+  { echo "x.c:6:5: error: missing return"; exit 1; }
+cp "$src/hw/i386/intel_iommu.c" "$2/source.c"
+printf '#!/bin/sh\\ncat "%s/source.c"\\n' "$2" > "$2/$4"
+chmod +x "$2/$4"
+"""
+FAKE_SUITE_CONFTEST = 'pytest_plugins = ("fixtures.plugins.harness",)\n'
+FAKE_CASE = """\
+import subprocess, time
+
+def test_replay_guard(pytestconfig):
+    text = subprocess.run([pytestconfig.getoption("qemu")], capture_output=True, text=True).stdout
+    if "x < 0" in text:
+        time.sleep(60)  # a mutant that makes the suite hang
+    assert "if (x > 0) {" in text
+"""
+
+
+def fake_campaign(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    tree = tmp_path / "qemu"
+    (tree / "hw" / "i386").mkdir(parents=True)
+    (tree / "hw" / "i386" / "intel_iommu.c").write_text(FAKE_SOURCE)
+    (tree / "configure").write_text(FAKE_CONFIGURE)
+    (tree / "configure").chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, text in {"ninja": FAKE_NINJA, **dict.fromkeys(
+        ("cc", "make", "flex", "bison", "pkg-config"), "#!/bin/sh\nexit 0\n"
+    )}.items():  # fmt: skip
+        (bin_dir / tool).write_text(text)
+        (bin_dir / tool).chmod(0o755)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text(FAKE_SUITE_CONFTEST)
+    (suite / "test_fake.py").write_text(FAKE_CASE)
+    argv = [
+        "--qemu-src", str(tree), "--functions", "vtd_iommu_replay", "--output",
+        str(tmp_path / "out"), "--timeout", "5", "--suite", str(suite), "--", str(suite),
+    ]  # fmt: skip
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    return argv, env
+
+
+def run_mutation(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ci.mutation", *argv],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+
+
+def test_campaign_classifies_every_mutant_and_resumes(tmp_path: Path) -> None:
+    argv, env = fake_campaign(tmp_path)
+    first = run_mutation(argv, env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    by_line: dict[str, set[str]] = {}
+    for m in results["mutant_list"]:
+        by_line.setdefault(m["mutated"].strip(), set()).add(results["mutants"][m["key"]]["status"])
+    statuses = {s for v in by_line.values() for s in v}
+    assert {"killed", "survived", "build failed"} <= statuses, by_line
+    assert by_line.get("if (x < 0) {") == {"timeout"}, by_line
+    killed = [r for r in results["mutants"].values() if r["status"] == "killed"]
+    assert killed
+    assert all(r["killed_by"].endswith("::test_replay_guard") for r in killed)
+    # The tree is as it was, and the report scores killed + timeout against survivors.
+    assert (tmp_path / "qemu" / "hw" / "i386" / "intel_iommu.c").read_text() == FAKE_SOURCE
+    assert "## Survivors (" in (tmp_path / "out" / "report.md").read_text()
+    # Interrupted: forget two results; a re-run runs exactly those two again.
+    forgotten = sorted(results["mutants"])[:2]
+    for key in forgotten:
+        del results["mutants"][key]
+    (tmp_path / "out" / "results.json").write_text(json.dumps(results))
+    second = run_mutation(argv, env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stderr.count("mutation: [") == 2, second.stderr
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(again["mutants"]) == set(results["mutants"]) | set(forgotten)
