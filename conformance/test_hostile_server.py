@@ -226,6 +226,9 @@ ABORTS_ON_BAR_SIZE = pytest.mark.xfail(
             id="config-16-bytes",
             marks=pytest.mark.qemu_bug(
                 before=(11, 1),
+                # Heap corruption: whether glibc notices (and aborts) varies run to run, so
+                # this one cannot be strict; an XPASS here is not a fix.
+                strict=False,
                 reason="a 16-byte config region corrupts QEMU's heap at device_add "
                 "('malloc(): invalid size (unsorted)', SIGABRT): the vfio-pci realize reads "
                 "and emulates 256 bytes of config space from a region the server sized 16",
