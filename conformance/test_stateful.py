@@ -274,9 +274,10 @@ Seg = tuple[int, int, Key]
 
 
 def spans_ir_window(base: int, level: int) -> bool:
-    """A non-leaf entry whose range reaches both IOMMU notifiers (below and above the
-    interrupt window): QEMU notifies its non-present state whole to both (see
-    test_cleared_entry_across_interrupt_window_unmaps_only_its_mappings)."""
+    """Whether the level-`level` entry holding IOVA `base` reaches both IOMMU notifiers
+    (below and above the interrupt window): QEMU notifies its non-present state whole to both
+    (test_cleared_entry_across_interrupt_window_unmaps_only_its_mappings)."""
+    base -= base % span_of(level)
     return base < IR_WINDOW[0] and base + span_of(level) > IR_WINDOW[1]
 
 
