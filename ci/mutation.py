@@ -382,6 +382,26 @@ def parse_functions(value: str | None) -> dict[str, tuple[str, ...]]:
     return {file: names for file, names in picked.items() if names}
 
 
+def write_partial_report(out: Path) -> int:
+    """report.md from what results.json holds (an interrupted or still running campaign)."""
+    path = out / "results.json"
+    if not path.is_file():
+        print(f"mutation: no results in {out}", file=sys.stderr)
+        return 2
+    data = json.loads(path.read_text())
+    sample = [Mutant(**m) for m in data.get("mutant_list", [])]
+    done = sum(1 for m in sample if m.key in data["mutants"])
+    summary = (
+        f"Tree `{data.get('tree')}`, selection `{' '.join(data.get('pytest_args', []))}`, "
+        f"{done} of a sample of {len(sample)} run so far ({data.get('generated')} mutants "
+        f"generated, seed {data.get('seed')}), baseline {data.get('baseline_s')} s."
+    )
+    text = report(sample, data["mutants"], summary)
+    (out / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     pytest_args: list[str] = []
     if "--" in argv:
@@ -396,11 +416,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, help="default: artefacts/mutation-<tree name>")
     parser.add_argument("--timeout", type=float, help="per mutant (default: 3x the baseline)")
     parser.add_argument("--suite", type=Path, default=ROOT, help=argparse.SUPPRESS)  # self-tests
+    parser.add_argument(
+        "--report-only", action="store_true", help="write report.md from results.json so far"
+    )
     options = parser.parse_args(argv)
     tree = options.qemu_src.resolve()
     out = (options.output or ROOT / "artefacts" / f"mutation-{tree.name}").absolute()
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     pytest_args = pytest_args or ["-m", "qtest"]
+    if options.report_only:
+        return write_partial_report(out)
     campaign = Campaign(tree, (options.build or tree / "build-viommu").absolute(), out,
                         pytest_args, options.timeout or 0.0, options.suite.resolve())  # fmt: skip
     touched: set[str] = set()

@@ -199,6 +199,9 @@ def test_campaign_classifies_every_mutant_and_resumes(tmp_path: Path) -> None:
     # The tree is as it was, and the report scores killed + timeout against survivors.
     assert (tmp_path / "qemu" / "hw" / "i386" / "intel_iommu.c").read_text() == FAKE_SOURCE
     assert "## Survivors (" in (tmp_path / "out" / "report.md").read_text()
+    partial = run_mutation([*argv[: argv.index("--")], "--report-only"], env)
+    assert partial.returncode == 0, partial.stderr
+    assert f"{len(results['mutant_list'])} of a sample of" in partial.stdout
     # Interrupted: forget two results; a re-run runs exactly those two again.
     forgotten = sorted(results["mutants"])[:2]
     for key in forgotten:
