@@ -13,6 +13,7 @@ from fixtures.oracle.expected_state import (
     HostReplay,
     MapIntent,
     PageMap,
+    ReplayCache,
     Run,
     from_events,
     from_intent,
@@ -374,3 +375,46 @@ def test_bisected_replay_equals_a_linear_scan(
         fast.apply(event)
         slow.apply(event)
         assert [m.event for m in fast.live] == [m[2] for m in slow.maps]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([M, U, ALL]),
+            st.integers(0, 31),
+            st.integers(1, 6),
+            st.integers(0, 31),
+            st.sampled_from([0, 0, 0, errno.EEXIST, errno.EINVAL]),
+        ),
+        max_size=30,
+    ),
+    st.lists(
+        st.tuples(st.sampled_from(["grow", "cut", "fork", "same"]), st.integers(0, 30)),
+        max_size=12,
+    ),
+)
+def test_replay_cache_equals_a_full_replay(
+    ops: list[tuple[DmaOp, int, int, int, int]], moves: list[tuple[str, int]]
+) -> None:
+    """ReplayCache (the rig's host state per check) gives from_events' page map for streams
+    that grow, are cut back, fork from a prefix or repeat, in any order."""
+    full = tuple(
+        ev(seq, op, p * P, n * P, g * P, read=True, write=bool(seq % 2), errno=code)
+        for seq, (op, p, n, g, code) in enumerate(ops)
+    )
+    other = tuple(ev(e.seq, e.op, e.iova + P, e.size, e.gpa, read=True) for e in full)
+    cache = ReplayCache(size=3)
+    length = 0
+    for move, at in [("grow", 0), *moves, ("grow", len(full))]:
+        if move == "grow":
+            length = min(len(full), length + at)
+            stream = full[:length]
+        elif move == "cut":
+            length = min(length, at)
+            stream = full[:length]
+        elif move == "fork":
+            stream = full[: min(at, length)] + other[min(at, length) :]
+        else:
+            stream = full[:length]
+        assert cache.page_map(stream) == from_events(stream)

@@ -12,11 +12,14 @@ from hypothesis import strategies as st
 from fixtures.oracle.dma_event import DmaEvent, DmaOp
 from fixtures.oracle.expected_state import HostReplay
 from fixtures.oracle.notifier_rules import (
+    JUDGEMENTS,
     RULES,
+    JudgementCache,
     NotifierFlag,
     address_space_switch,
     check_stream,
     in_place_change,
+    judge_stream,
     noop_invalidation,
     pasid_invalidation,
     replay,
@@ -423,3 +426,53 @@ def test_map_to_unmap_only_notifier_is_named(stream: Stream, flags: NotifierFlag
     found = check_stream(stream.events, aw_bits=stream.aw_bits, notifier_flags={"d0": flags})
     got_map = any(e.op is M and e.device == "d0" for e in stream.events)
     assert names(found) == ({"notifier_flags"} if got_map else set())
+
+
+# --- the judgement cache: the same judgements as a replay from scratch -------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([M, M, U, ALL]),
+            st.sampled_from(["d0", "d1"]),
+            st.integers(0, 31),
+            st.integers(0, 6),
+            st.sampled_from([0, 0, 0, errno.EEXIST, errno.EINVAL]),
+        ),
+        max_size=30,
+    ),
+    st.lists(
+        st.tuples(st.sampled_from(["grow", "cut", "fork", "same"]), st.integers(0, 30)),
+        max_size=12,
+    ),
+)
+def test_judgement_cache_equals_judging_from_scratch(
+    ops: list[tuple[DmaOp, str, int, int, int]], moves: list[tuple[str, int]]
+) -> None:
+    """JudgementCache (every check_stream's type1 judgements) answers as judge_stream does
+    for streams, good and bad, that grow, are cut back, fork from a prefix or repeat; and
+    check_stream finds the same violations with the shared cache on and off."""
+    full = tuple(ev(i, op, p * P, n * P, dev=d, err=e) for i, (op, d, p, n, e) in enumerate(ops))
+    other = tuple(ev(e.seq, e.op, e.iova + P, e.size, dev=e.device) for e in full)
+    cache = JudgementCache(size=3)
+    length = 0
+    for move, at in [("grow", 0), *moves, ("grow", len(full))]:
+        if move == "grow":
+            length = min(len(full), length + at)
+            stream = full[:length]
+        elif move == "cut":
+            length = min(length, at)
+            stream = full[:length]
+        elif move == "fork":
+            stream = full[: min(at, length)] + other[min(at, length) :]
+        else:
+            stream = full[:length]
+        assert cache.judge(stream) == tuple(judge_stream(stream)[0])
+        with_cache = check_stream(stream)
+        JUDGEMENTS.enabled = False
+        try:
+            assert check_stream(stream) == with_cache
+        finally:
+            JUDGEMENTS.enabled = True
