@@ -402,7 +402,14 @@ def write_partial_report(out: Path) -> int:
     return 0
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    # SIGTERM (a cancelled CI job, `kill`) stops like Ctrl-C: the source file is restored and
+    # the results so far are kept. A background job started by a shell ignores SIGINT.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     pytest_args: list[str] = []
     if "--" in argv:
         argv, pytest_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
