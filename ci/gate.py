@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ci.gate_verdict import (
     SIDES,
+    CaseResult,
     Comparison,
     compare,
     markdown_summary,
@@ -140,6 +141,27 @@ def with_suite_paths(pytest_args: list[str]) -> list[str]:
         out.append(arg)
         after_option = arg in VALUE_OPTIONS
     return out if explicit else ["conformance", *out]
+
+
+def run_selection(
+    qemu: Path, args: list[str], *, junit: Path, log: Path, artefacts: Path
+) -> dict[str, CaseResult]:
+    """One pytest run (`args`: test paths and options) against `qemu`, output to `log`; its
+    JUnit results. GateError when pytest gave no verdict (exit other than 0, 1 or 5)."""
+    junit.unlink(missing_ok=True)  # a reused output directory must not lend an old verdict
+    cmd = [
+        sys.executable, "-m", "pytest", *args, "-q", f"--qemu={qemu}", f"--junitxml={junit}",
+        f"--artefacts={artefacts}", "-o", "junit_family=xunit1",
+    ]  # fmt: skip
+    with log.open("wb") as sink:
+        code = subprocess.run(
+            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+            env=dict(os.environ, **{DEFAULT_QEMU_ENV: str(qemu)}), check=False,
+        ).returncode  # fmt: skip
+    if code not in (*PYTEST_OK, PYTEST_NO_TESTS) or not junit.is_file():
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise GateError(f"pytest exited {code} without a verdict: {tail[0]}")
+    return read_junit(junit.read_text())
 
 
 def side_command(side: Side, pytest_args: list[str]) -> list[str]:

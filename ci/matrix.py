@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import re
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ci.gate import GateError, qemu_label, resolve_qemu
-from ci.gate_verdict import CaseResult, Outcome, read_junit
+from ci.gate import GateError, qemu_label, resolve_qemu, run_selection
+from ci.gate_verdict import CaseResult, Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = (Outcome.PASSED, Outcome.FAILED, Outcome.ERROR, Outcome.XFAILED, Outcome.SKIPPED)
-# pytest exit codes with a verdict: 0 all passed, 1 some failed, 5 nothing selected.
-VERDICT_CODES = (0, 1, 5)
 
 
 @dataclass
@@ -80,24 +76,15 @@ def markdown(cells: list[Cell], command: str) -> str:
 def run_one(
     qemu: Path, tier: str, out: Path, pytest_args: list[str]
 ) -> tuple[dict[str, CaseResult], float]:
-    junit, log = out / f"{tier}.xml", out / f"{tier}.log"
-    junit.unlink(missing_ok=True)
-    cmd = [
-        sys.executable, "-m", "pytest", "conformance", "-m", tier, "-q",
-        f"--qemu={qemu}", f"--junitxml={junit}", f"--artefacts={out / 'artefacts'}",
-        "-o", "junit_family=xunit1", *pytest_args,
-    ]  # fmt: skip
     start = time.monotonic()
-    with log.open("wb") as sink:
-        code = subprocess.run(
-            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-            env=dict(os.environ, VIOMMU_QEMU=str(qemu)), check=False,
-        ).returncode  # fmt: skip
-    seconds = time.monotonic() - start
-    if code not in VERDICT_CODES or not junit.is_file():
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise GateError(f"{qemu} -m {tier}: pytest exited {code} without a verdict: {tail[0]}")
-    return read_junit(junit.read_text()), seconds
+    try:
+        results = run_selection(
+            qemu, ["conformance", "-m", tier, *pytest_args],
+            junit=out / f"{tier}.xml", log=out / f"{tier}.log", artefacts=out / "artefacts",
+        )  # fmt: skip
+    except GateError as err:
+        raise GateError(f"{qemu} -m {tier}: {err}") from None
+    return results, time.monotonic() - start
 
 
 def main(argv: list[str]) -> int:

@@ -32,14 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ci.build_qemu import BuildError, build_tree
-from ci.gate import with_suite_paths
+from ci.gate import GateError, run_selection, with_suite_paths
 from ci.gate_verdict import CaseResult, Comparison, Outcome, Verdict, compare, read_junit
 from ci.private_apt import cache_root
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = 125  # git bisect run: this commit cannot be judged
-# pytest exit codes with a verdict: 0 all passed, 1 some failed, 5 nothing selected.
-VERDICT_CODES = (0, 1, 5)
 
 
 class SeriesError(BuildError):
@@ -116,22 +114,13 @@ class Run:
 
 
 def run_suite(qemu: Path, out: Path, name: str, pytest_args: list[str]) -> dict[str, CaseResult]:
-    junit, log = out / f"{name}.xml", out / f"{name}.log"
-    junit.unlink(missing_ok=True)
-    cmd = [
-        sys.executable, "-m", "pytest", *with_suite_paths(pytest_args), "-q", f"--qemu={qemu}",
-        f"--junitxml={junit}", f"--artefacts={out / 'artefacts' / name}",
-        "-o", "junit_family=xunit1",
-    ]  # fmt: skip
-    with log.open("wb") as sink:
-        code = subprocess.run(
-            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-            env=dict(os.environ, VIOMMU_QEMU=str(qemu)), check=False,
-        ).returncode  # fmt: skip
-    if code not in VERDICT_CODES or not junit.is_file():
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise SeriesError(f"{name}: pytest exited {code} without a verdict: {tail[0]}")
-    return read_junit(junit.read_text())
+    try:
+        return run_selection(
+            qemu, with_suite_paths(pytest_args), junit=out / f"{name}.xml",
+            log=out / f"{name}.log", artefacts=out / "artefacts" / name,
+        )  # fmt: skip
+    except GateError as err:
+        raise SeriesError(f"{name}: {err}") from None
 
 
 def ids_of(comparison: Comparison, verdict: Verdict) -> list[str]:
