@@ -9,7 +9,6 @@ writes build.ninja; a fake ninja "builds" the binary. A real build is `ci/build-
 
 from __future__ import annotations
 
-import os
 import subprocess
 import textwrap
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ci.build_qemu import ConfigureOptions, configure_args, first_error
+from tests.fake_toolchain import fake_toolchain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,18 +76,11 @@ def fake_tree(tmp_path: Path, help_text: str, *, kconfig_client: bool) -> Path:
 def fake_ninja(tmp_path: Path) -> dict[str, str]:
     """PATH with a fake ninja, and build tools / pkg-config that say everything is there (the
     host's build dependencies are not this test's business)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("cc", "make", "flex", "bison", "pkg-config"):
-        (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
-        (bin_dir / tool).chmod(0o755)
-    ninja = bin_dir / "ninja"
-    ninja.write_text(
+    return fake_toolchain(
+        tmp_path,
         '#!/bin/sh\n# ninja -C DIR -jN TARGET\necho "[1/1] Linking $4"\n'
-        'printf "#!/bin/sh\\n" > "$2/$4"; chmod +x "$2/$4"; echo run >> "$2/ninja.calls"\n'
+        'printf "#!/bin/sh\\n" > "$2/$4"; chmod +x "$2/$4"; echo run >> "$2/ninja.calls"\n',
     )
-    ninja.chmod(0o755)
-    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
 
 
 def build(src: Path, out: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

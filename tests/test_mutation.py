@@ -5,7 +5,6 @@ generation restricted to lines, and the report's arithmetic. A real campaign bui
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from ci.mutation import (
     parse_functions,
     report,
 )
+from tests.fake_toolchain import fake_toolchain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,13 +156,6 @@ def fake_campaign(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     (tree / "hw" / "i386" / "intel_iommu.c").write_text(FAKE_SOURCE)
     (tree / "configure").write_text(FAKE_CONFIGURE)
     (tree / "configure").chmod(0o755)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool, text in {"ninja": FAKE_NINJA, **dict.fromkeys(
-        ("cc", "make", "flex", "bison", "pkg-config"), "#!/bin/sh\nexit 0\n"
-    )}.items():  # fmt: skip
-        (bin_dir / tool).write_text(text)
-        (bin_dir / tool).chmod(0o755)
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "conftest.py").write_text(FAKE_SUITE_CONFTEST)
@@ -171,7 +164,7 @@ def fake_campaign(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
         "--qemu-src", str(tree), "--functions", "vtd_iommu_replay", "--output",
         str(tmp_path / "out"), "--timeout", "5", "--suite", str(suite), "--", str(suite),
     ]  # fmt: skip
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    env = dict(fake_toolchain(tmp_path, FAKE_NINJA), PYTHONPATH=str(ROOT))
     return argv, env
 
 

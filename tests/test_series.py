@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_toolchain import fake_toolchain
+
 ROOT = Path(__file__).resolve().parent.parent
 CASE = "test_cap_caching_mode_follows_property"
 
@@ -70,13 +72,6 @@ def fake_series(tmp_path: Path, pytestconfig: pytest.Config) -> tuple[Path, dict
     qemu = pytestconfig.getoption("qemu")
     if not qemu:
         pytest.skip("no QEMU under test (--qemu or VIOMMU_QEMU)")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool, text in {"ninja": NINJA, **dict.fromkeys(
-        ("cc", "make", "flex", "bison", "pkg-config"), "#!/bin/sh\nexit 0\n"
-    )}.items():  # fmt: skip
-        (bin_dir / tool).write_text(text)
-        (bin_dir / tool).chmod(0o755)
     tree = tmp_path / "qemu"
     tree.mkdir()
     git(tree, "init", "-q", "-b", "master")
@@ -97,8 +92,7 @@ def fake_series(tmp_path: Path, pytestconfig: pytest.Config) -> tuple[Path, dict
     git(tree, "rm", "-q", "BREAK_CM", "DOES_NOT_BUILD")
     git(tree, "commit", "-qm", "Revert: caching mode back")
     env = dict(
-        os.environ,
-        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        fake_toolchain(tmp_path, NINJA),
         REAL_QEMU=str(qemu),
         VIOMMU_CACHE=str(tmp_path / "cache"),
     )
