@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 
 from conformance.known_bugs import U32_DMA_COUNT
-from fixtures.guest.machine import GUEST_IOMMU
+from fixtures.guest.machine import GUEST_IOMMU, Guest
 from fixtures.guest.vfio import GuestVfioDevice
 from fixtures.plugins.guest import GuestFactory
 from fixtures.plugins.vfio_user import VfioUserHostFactory
 from fixtures.rig.guest_rig import CheckedContainer, device_state
 from fixtures.vfio_user.dma_engine import DmaDirection, DmaPath, DmaStatus, FaultReason
+from fixtures.vfio_user.server import VfioUserServer
 from fixtures.vfio_user.wire import DmaAccess
 from fixtures.vtd.registers import DMAR_BASE, RTADDR, RTADDR_SMT
 
@@ -27,6 +28,20 @@ pytestmark = pytest.mark.guest
 
 DEV_A_BDF = "0000:00:03.0"
 IOVA = 0x10_0000
+
+
+async def device_in_container(
+    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+) -> tuple[VfioUserServer, Guest, CheckedContainer, GuestVfioDevice]:
+    """A guest with one vfio-user device at 00:03.0, bound to vfio-pci in a checked container."""
+    srv = await vfio_user_host("devA")
+    g = await guest(devices=[srv.device_json(addr="0x3")])
+    c = CheckedContainer(g)
+    dev = GuestVfioDevice(srv, DEV_A_BDF)
+    await c.add(dev)
+    return srv, g, c, dev
+
+
 HUGE = 2 << 20
 
 
@@ -77,11 +92,7 @@ async def test_device_dma_both_directions_then_faults_after_unmap(
 ) -> None:
     """DMA through the host mapping lands in the guest buffer and back; after the guest
     unmaps, the device's DMA faults on the host side and the guest buffer stays untouched."""
-    srv = await vfio_user_host("devA")
-    g = await guest(devices=[srv.device_json(addr="0x3")])
-    c = CheckedContainer(g)
-    dev = GuestVfioDevice(srv, DEV_A_BDF)
-    await c.add(dev)
+    srv, g, c, dev = await device_in_container(guest, vfio_user_host)
     await c.alloc("buf", 4 * 4096)
     await c.map("buf", IOVA)
     await c.check()
@@ -117,11 +128,7 @@ async def test_client_path_dma_agrees_with_the_host_then_faults_after_unmap(
     """QEMU's own translation path (vfio-user DMA_WRITE messages, translated by the vIOMMU)
     lands where the guest mapped; after the unmap QEMU refuses the DMA_WRITE, the buffer stays
     untouched and the guest logs the DMAR fault."""
-    srv = await vfio_user_host("devA")
-    g = await guest(devices=[srv.device_json(addr="0x3")])
-    c = CheckedContainer(g)
-    dev = GuestVfioDevice(srv, DEV_A_BDF)
-    await c.add(dev)
+    srv, g, c, dev = await device_in_container(guest, vfio_user_host)
     await c.alloc("buf", 4 * 4096)
     await c.map("buf", IOVA)
     await c.check()
@@ -155,11 +162,7 @@ async def test_read_only_mapping_faults_device_writes(
 ) -> None:
     """A map without VFIO_DMA_MAP_FLAG_WRITE reaches the host read-only: reads work,
     device writes fault with a permission error and do not modify the buffer."""
-    srv = await vfio_user_host("devA")
-    g = await guest(devices=[srv.device_json(addr="0x3")])
-    c = CheckedContainer(g)
-    dev = GuestVfioDevice(srv, DEV_A_BDF)
-    await c.add(dev)
+    srv, g, c, dev = await device_in_container(guest, vfio_user_host)
     await c.alloc("ro", 4096)
     await g.call("fill", buffer="ro", byte=0x33)
     await c.map("ro", IOVA, write=False)
