@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import re
+import signal
 import time
 from typing import Any
 
@@ -17,7 +20,7 @@ import pytest
 
 from conformance.known_bugs import U32_DMA_COUNT
 from fixtures.oracle.dma_event import DmaOp
-from fixtures.qemu.errors import QMPCommandError, QMPTimeoutError
+from fixtures.qemu.errors import QMPCommandError, QMPTimeoutError, QTestError
 from fixtures.qemu.pci_config import PCI_VENDOR_ID, Bdf, PciConfig
 from fixtures.qemu.pcie_hotplug import power_off_slot, power_on_slot
 from fixtures.qemu.qtest_machine import QTestMachine
@@ -42,6 +45,8 @@ from fixtures.vfio_user.host_mapping_table import HostMappingTable
 from fixtures.vfio_user.pci import BAR0_REGION, CONFIG_REGION, PCI_BASE_ADDRESS_0
 from fixtures.vfio_user.server import VfioUserServer
 from fixtures.vfio_user.wire import Command, DmaAccess, RegionAccess
+from fixtures.vtd.driver import Domain, VtdDriver
+from fixtures.vtd.page_tables import PAGE_4K
 
 pytestmark = pytest.mark.qtest
 
@@ -414,6 +419,106 @@ async def test_realize_fails_cleanly_when_a_reply_never_comes(
     await host.wait_disconnected(timeout=5.0)
     assert "vfio_user_get_region_info: timed out waiting for reply" in machine.stderr_tail()
     assert [h.command for h in host.withheld_requests] == [Command.DEVICE_GET_REGION_INFO]
+
+
+# --- mapping changes the host never hears about -------------------------------------------
+# A host mapping QEMU could not make or remove leaves the device's view of guest memory wrong,
+# so it must never pass silently: each failed DMA_MAP/UNMAP is reported with the range and the
+# errno (hw/vfio-user/container.c turns a failed send or a missing reply into -EFAULT), and a
+# guest RAM mapping QEMU cannot make while running stops QEMU (listener.c: "DMA mapping failed,
+# unable to continue") rather than run a device that does not see RAM.
+
+TRANSLATED_IOVA = 0x1_0000_0000
+TRANSLATED_GPA = 0x0200_0000
+LOST = rf"= -{errno.EFAULT} \({os.strerror(errno.EFAULT)}\)"
+
+
+def lost_map(iova: int, size: int) -> str:
+    return rf"vfio_container_dma_map\(0x[0-9a-f]+, {iova:#x}, {size:#x}, 0x[0-9a-f]+\) {LOST}"
+
+
+def lost_unmap(iova: int, size: int | None = None) -> str:
+    sized = f"{size:#x}" if size is not None else "0x[0-9a-f]+"
+    return rf"vfio_container_dma_unmap\(0x[0-9a-f]+, {iova:#x}, {sized}\) {LOST}"
+
+
+async def translating(machine: QTestMachine) -> tuple[VtdDriver, Domain]:
+    """The VT-d driver up, DEV_SLOT in domain 1 (no mappings yet), DMAR on."""
+    driver = VtdDriver(machine.qtest, machine.ram)
+    await driver.init()
+    domain = driver.domain(1)
+    await driver.attach_and_flush(DEV_SLOT, domain)
+    await driver.enable_translation()
+    return driver, domain
+
+
+@pytest.mark.qemu_stderr(r"timed out waiting for reply", r"vfio_container_dma_(un)?map\(")
+async def test_unanswered_iommu_map_and_unmap_are_reported_with_their_range(
+    launch: Any, vfio_user_host: Any
+) -> None:
+    """Under translation QEMU sends a PSI's DMA_MAP / DMA_UNMAP and waits for the reply
+    (vfio_iommu_map_notify, outside a listener transaction). A host that never answers: after
+    x-msg-timeout QEMU reports the map and then the unmap, each with the IOVA and size the
+    guest invalidated and -EFAULT, and keeps running."""
+    iommu = {"driver": "intel-iommu", "caching-mode": True}
+    machine, host = await start_with_device(
+        launch, vfio_user_host, iommu=iommu, **{"x-msg-timeout": 200}
+    )
+    await map_bar0(machine)
+    driver, domain = await translating(machine)
+    host.withhold_replies(Command.DMA_MAP)
+    await driver.map(domain, TRANSLATED_IOVA, TRANSLATED_GPA, PAGE_4K)
+    host.withhold_replies(Command.DMA_UNMAP)
+    await driver.unmap(domain, TRANSLATED_IOVA, PAGE_4K)
+    host.withhold_replies()
+    assert [h.command for h in host.withheld_requests] == [Command.DMA_MAP, Command.DMA_UNMAP]
+    stderr = machine.stderr_path.read_text(errors="replace")
+    for expected in (lost_map(TRANSLATED_IOVA, PAGE_4K), lost_unmap(TRANSLATED_IOVA, PAGE_4K)):
+        assert re.search(expected, stderr), f"no line matching {expected!r} in:\n{stderr[-800:]}"
+    assert machine.running
+
+
+@pytest.mark.qemu_bug(
+    before=(11, 1),
+    reason="after the host closes the socket, vfio-user requests are still queued on the dead "
+    "connection (hw/vfio-user/proxy.c): the RAM DMA_UNMAPs of the DMAR-enable transaction fail "
+    "silently (stderr only 'vfio_wait_reqs - timed out'), every later request waits out "
+    "x-msg-timeout ('timed out waiting for reply'), and DMAR off maps no RAM without stopping "
+    "QEMU",
+)
+@pytest.mark.qemu_stderr(
+    r"vfio_container_dma_(un)?map\(",
+    r"hardware error: vfio: DMA mapping failed",
+    r"[Uu]nable to write to socket|[Bb]roken pipe|not connected|server closed",
+)
+async def test_ram_mapping_changes_after_the_host_is_gone_are_reported_and_stop_qemu(
+    launch: Any, vfio_user_host: Any
+) -> None:
+    """The host process dies while DMAR is off (RAM identity-mapped). Turning DMAR on removes
+    the RAM sections inside a listener transaction (the asynchronous send): each unmap fails
+    and is reported from GPA 0 with -EFAULT. Turning DMAR off again must map RAM, which cannot
+    reach the host: QEMU stops with vfio's hardware error instead of running on."""
+    iommu = {"driver": "intel-iommu", "caching-mode": True}
+    machine, host = await start_with_device(launch, vfio_user_host, iommu=iommu)
+    await map_bar0(machine)
+    assert_identity_map_of_ram(host)
+    await host.disconnect()
+    await host.wait_disconnected(timeout=2.0)
+    driver, _domain = await translating(machine)
+    stderr = machine.stderr_path.read_text(errors="replace")
+    assert re.search(lost_unmap(0), stderr), f"RAM unmap at GPA 0 not reported:\n{stderr[-800:]}"
+    assert machine.running
+    machine.exit_expected = True
+    with pytest.raises(QTestError):
+        await driver.disable_translation()
+    for _ in range(250):  # hw_error() dumps the CPU state, then aborts
+        if not machine.running:
+            break
+        await asyncio.sleep(0.02)
+    assert machine.exitcode == -signal.SIGABRT, machine.crash_report()
+    stderr = machine.stderr_path.read_text(errors="replace")
+    assert re.search(r"vfio_container_dma_map\(0x[0-9a-f]+, 0x0, ", stderr), stderr[-800:]
+    assert "vfio: DMA mapping failed, unable to continue" in stderr
 
 
 @pytest.mark.xfail(
