@@ -234,6 +234,8 @@ def assert_identity_map_of_ram(host: VfioUserServer) -> None:
         assert m.end <= RAM_SIZE, f"RAM mapping {m.iova:#x}+{m.size:#x} beyond RAM"
         assert m.read
         assert m.write
+    # The firmware ROMs have no fd: the host's offset-0 rule for such maps is exercised here.
+    assert others, "no fd-less (ROM) mapping: the firmware is not in the device's view"
     for m in others:
         assert not m.write, f"non-RAM mapping {m.iova:#x}+{m.size:#x} is writable"
     covered = sorted((m.iova, m.end) for m in ram)

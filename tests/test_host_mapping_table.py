@@ -207,3 +207,14 @@ def test_against_a_page_model(requests: list[tuple[bool, int, int]]) -> None:
                     for p in range(s, s + starts.pop(s)):
                         del owner[p]
         assert spans(table) == sorted((s * K, n * K) for s, n in starts.items())
+
+
+def test_map_offset_is_page_aligned_and_zero_without_an_fd(table: HostMappingTable) -> None:
+    """The offset is type1's vaddr (page-aligned, else EINVAL); a map that passed no fd must
+    say offset 0 (vfio-user spec), whatever else is right about it."""
+    assert table.map(0, K, offset=0x123, read=True, write=True) == errno.EINVAL
+    assert table.map(0, K, offset=None, read=True, write=False, unmapped_offset=1) == errno.EINVAL
+    assert len(table) == 0
+    assert table.map(0, K, offset=None, read=True, write=False) == 0
+    assert table.map(K, K, offset=0x5000, read=True, write=True) == 0
+    assert [e.errno for e in table.events] == [errno.EINVAL, errno.EINVAL, 0, 0]
