@@ -23,11 +23,16 @@ fixture in fixtures/plugins/vhost_user.py.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fixtures.oracle.dma_event import DmaOp
 from fixtures.oracle.iotlb_rules import Invalidation, Leaf, Scope, check_translation, check_window
+from fixtures.plugins.harness import Launcher
 from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.plugins.vhost_user import VhostUserBackendFactory
+from fixtures.qemu.errors import QTestError
 from fixtures.rig.vhost_rig import (
     DATA_GPA,
     DATA_IOVA,
@@ -47,6 +52,7 @@ from fixtures.rig.vhost_rig import (
     dma_ops,
     ranges,
     show,
+    start_rig,
     whole_sections,
 )
 from fixtures.vhost_user.record import Direction, NoTranslation, Translation
@@ -269,6 +275,29 @@ async def test_toggling_ats_re_registers_the_notifier_without_replay(
         await rig.set_ats(on)
         assert rig.since(mark) == [], f"ATS {on}: {show(rig.since(mark))}"
         assert await observe() == expected, f"after ATS {'on' if on else 'off'}"
+
+
+async def test_ats_without_device_iotlb_support_stops_qemu_naming_the_device(
+    vhost_user_backend: VhostUserBackendFactory, launch: Launcher
+) -> None:
+    """vtd_iommu_notify_flag_changed refuses a DEVIOTLB_UNMAP notifier when the IOMMU has no
+    device-IOTLB support. The guest enabling ATS (a capability of the virtio device's own)
+    makes the running vhost re-register for device-IOTLB invalidations; the refusal is fatal
+    to vhost (error_fatal), so QEMU stops at once with status 1 and one line naming the device
+    by the requester id the case put it at: no crash, and no vhost left without invalidations."""
+    rig = await start_rig(vhost_user_backend, launch, device_iotlb=False)
+    machine = rig.machine
+    machine.exit_expected = True
+    with pytest.raises(QTestError):
+        await rig.set_ats(True)
+    for _ in range(250):
+        if not machine.running:
+            break
+        await asyncio.sleep(0.02)
+    assert machine.exitcode == 1, machine.crash_report() or "QEMU kept running"
+    named = f"device {NET.bus:02x}.{NET.dev:02x}.{NET.fn:x} requires device IOTLB mode"
+    stderr = machine.stderr_path.read_text(errors="replace")
+    assert named in stderr, stderr[-600:]
 
 
 # ---- translations on MISS ---------------------------------------------------------------------
