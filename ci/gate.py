@@ -6,8 +6,14 @@ case. Prints the verdict table, writes summary.md (a merge-request comment) and 
 regression, 2 when a side could not run at all (bad QEMU path, usage error, nothing collected,
 interrupted), else 0. Sides run one after the other unless --parallel.
 
+A suite split over parallel CI jobs (pytest-split: --splits N --group I among the pytest args,
+the same on both sides) gives one gate run per shard; --baseline-junit/--candidate-junit then
+merge the shards' JUnit files, every shard of each side, into the verdict of the whole suite,
+without running anything (no QEMU needed: standard library only).
+
 Usage (through ci/gate or ci/conformance, which provision the default QEMU first):
   ci/conformance --baseline PATH|default --candidate PATH|default [--output DIR] [pytest args]
+  python3 -m ci.gate --baseline-junit B1.xml B2.xml --candidate-junit C1.xml C2.xml [--output DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +33,10 @@ from ci.gate_verdict import (
     SIDES,
     CaseResult,
     Comparison,
+    ShardOverlap,
     compare,
     markdown_summary,
+    merge_shards,
     read_junit,
     terminal_table,
 )
@@ -74,8 +83,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "regression). Other arguments go to pytest on both sides (e.g. -k, -m, -n 2).",
         allow_abbrev=False,
     )
-    parser.add_argument("--baseline", default="default", help="QEMU binary, or 'default'")
-    parser.add_argument("--candidate", default="default", help="QEMU binary, or 'default'")
+    parser.add_argument("--baseline", default=None, help="QEMU binary, or 'default'")
+    parser.add_argument("--candidate", default=None, help="QEMU binary, or 'default'")
+    for name in SIDES:
+        parser.add_argument(
+            f"--{name}-junit",
+            nargs="+",
+            type=Path,
+            metavar="XML",
+            help=f"no run: the {name}'s JUnit files, one per shard, merged",
+        )
     parser.add_argument(
         "--output", default=None, help="output directory (default artefacts/gate-<timestamp>)"
     )
@@ -86,6 +103,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--stream", action="store_true", help="show each side's pytest output as it runs"
     )
     options, pytest_args = parser.parse_known_args(argv)
+    merging = [options.baseline_junit is not None, options.candidate_junit is not None]
+    if any(merging):
+        if not all(merging):
+            parser.error("--baseline-junit and --candidate-junit go together")
+        if options.baseline or options.candidate or options.parallel or options.stream:
+            parser.error("--baseline-junit/--candidate-junit run nothing: no QEMU or run options")
+        if pytest_args:
+            parser.error(f"--baseline-junit/--candidate-junit run no pytest: {pytest_args[0]}")
+    options.baseline = options.baseline or "default"
+    options.candidate = options.candidate or "default"
     for arg in pytest_args:
         if arg.split("=", 1)[0] in PER_SIDE_OPTIONS:
             parser.error(
@@ -126,6 +153,8 @@ def qemu_label(qemu: Path) -> str:
 # pytest options whose value is a separate argument: the value is never a test path.
 VALUE_OPTIONS = {"-k", "-m", "-n", "-p", "-o", "-c", "-W", "--rootdir", "--maxfail", "--dist"}
 VALUE_OPTIONS |= {"--durations", "--tb", "--accel", "--fuzz-examples", "--deselect", "--ignore"}
+# pytest-split's
+VALUE_OPTIONS |= {"--splits", "--group", "--splitting-algorithm", "--durations-path"}
 
 
 def with_suite_paths(pytest_args: list[str]) -> list[str]:
@@ -253,20 +282,83 @@ def check_side(side: Side, code: int) -> None:
         )
 
 
-def artefact_dirs(comparison: Comparison, sides: list[Side]) -> dict[str, list[Path]]:
-    """Test id -> artefact directories kept for its failure, one per failing side."""
+def artefact_dirs(comparison: Comparison, roots: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """Test id -> artefact directories kept for its failure, one per failing side; `roots`:
+    side name -> the artefact directories its run(s) wrote into."""
     found: dict[str, list[Path]] = {}
     for row in comparison.rows:
         paths: list[Path] = []
-        for side in sides:
-            if getattr(row, side.name).outcome.failing:
+        for side, side_roots in roots.items():
+            if getattr(row, side).outcome.failing:
                 # The harness names a test's directory after its node id
                 # (fixtures/plugins/harness.py).
                 name = re.sub(r"[^A-Za-z0-9_.-]+", "_", row.test_id)[-120:]
-                paths += sorted(side.artefacts.glob(f"run-*/{name}"))
+                for root in side_roots:
+                    paths += sorted(root.glob(f"run-*/{name}"))
         if paths:
             found[row.test_id] = paths
     return found
+
+
+def read_side(side: str, paths: list[Path]) -> dict[str, CaseResult]:
+    """One side's results over its shards' JUnit files; GateError (one line) for a missing,
+    unreadable or overlapping file."""
+    reports = []
+    for path in paths:
+        try:
+            text = path.read_text()
+            root = ET.fromstring(text)
+        except (OSError, UnicodeDecodeError, ET.ParseError) as err:
+            raise GateError(f"{side}: {path}: not a readable JUnit XML file ({err})") from None
+        if root.tag not in ("testsuites", "testsuite"):
+            raise GateError(f"{side}: {path}: not a JUnit report (root element <{root.tag}>)")
+        reports.append((str(path), text))
+    try:
+        return merge_shards(reports)
+    except ShardOverlap as err:
+        raise GateError(f"{side}: the shards overlap: {err}") from None
+
+
+@dataclass
+class Sides:
+    """What the verdict needs of both sides, by side name."""
+
+    results: dict[str, dict[str, CaseResult]]
+    labels: dict[str, str]
+    artefact_roots: dict[str, list[Path]]
+    junits: list[Path]
+
+
+def merged_sides(options: argparse.Namespace) -> Sides:
+    """--baseline-junit/--candidate-junit: each side's shards merged. A shard's artefacts are
+    where the gate put them: beside its JUnit, in a directory named after the side."""
+    results: dict[str, dict[str, CaseResult]] = {}
+    labels: dict[str, str] = {}
+    roots: dict[str, list[Path]] = {}
+    for side in SIDES:
+        paths: list[Path] = getattr(options, f"{side}_junit")
+        results[side] = read_side(side, paths)
+        labels[side] = f"{len(paths)} JUnit file{'s' if len(paths) != 1 else ''} merged: " + (
+            ", ".join(str(p) for p in paths)
+        )
+        roots[side] = [p.parent / side for p in paths]
+    junits = [*options.baseline_junit, *options.candidate_junit]
+    return Sides(results, labels, roots, junits)
+
+
+def ran_sides(options: argparse.Namespace, pytest_args: list[str], out: Path) -> Sides:
+    """Both sides run here, one pytest run each."""
+    sides = []
+    for name in SIDES:
+        qemu = resolve_qemu(getattr(options, name))
+        sides.append(Side(name, qemu, qemu_label(qemu), out))
+    run_sides(sides, pytest_args, options.parallel, options.stream)
+    return Sides(
+        results={side.name: read_side(side.name, [side.junit]) for side in sides},
+        labels={side.name: side.label for side in sides},
+        artefact_roots={side.name: [side.artefacts] for side in sides},
+        junits=[side.junit for side in sides],
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -275,26 +367,25 @@ def main(argv: list[str]) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(options.output or ROOT / "artefacts" / f"gate-{stamp}").absolute()
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
-        sides = []
-        for name in SIDES:
-            qemu = resolve_qemu(getattr(options, name))
-            sides.append(Side(name, qemu, qemu_label(qemu), out))
         started = time.monotonic()
-        run_sides(sides, pytest_args, options.parallel, options.stream)
+        if options.baseline_junit:
+            sides = merged_sides(options)
+        else:
+            sides = ran_sides(options, pytest_args, out)
         elapsed = time.monotonic() - started
-        results = {side.name: read_junit(side.junit.read_text()) for side in sides}
     except GateError as err:
         print(f"gate: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gate: interrupted (no verdict)", file=sys.stderr)
         return 130
-    comparison = compare(results["baseline"], results["candidate"])
-    labels = {side.name: side.label for side in sides}
-    kept = artefact_dirs(comparison, sides)
+    comparison = compare(sides.results["baseline"], sides.results["candidate"])
+    labels = sides.labels
+    kept = artefact_dirs(comparison, sides.artefact_roots)
     table = terminal_table(comparison, labels, {k: ", ".join(map(str, v)) for k, v in kept.items()})
-    # The comment names them relative to the output directory: CI uploads that directory.
-    relative = {k: ", ".join(str(p.relative_to(out)) for p in v) for k, v in kept.items()}
+    # The comment names them relative to the output directory: CI uploads that directory (and,
+    # for merged shards, the shards' directories beside it).
+    relative = {k: ", ".join(os.path.relpath(p, out) for p in v) for k, v in kept.items()}
     summary = markdown_summary(comparison, labels, relative)
     (out / "summary.md").write_text(summary)
     (out / "verdict.txt").write_text(table)
@@ -302,7 +393,7 @@ def main(argv: list[str]) -> int:
     print(table, end="")
     print(
         f"\ngate: {elapsed:.1f} s; summary: {out / 'summary.md'}; JUnit: "
-        f"{', '.join(str(s.junit) for s in sides)}"
+        f"{', '.join(map(str, sides.junits))}"
     )
     return 1 if comparison.regressions else 0
 

@@ -1,4 +1,5 @@
-"""The gate's verdict: two JUnit XML reports (baseline, candidate) compared case by case.
+"""The gate's verdict: two JUnit XML reports (baseline, candidate) compared case by case;
+each side may also be several reports of one selection split into shards (merge_shards).
 
 Pure: reads XML text, returns data and text. A case is *failing* when pytest reported it failed,
 errored (set-up/teardown) or XPASS(strict) (an expected failure that passed: the xfail's evidence
@@ -13,6 +14,7 @@ from __future__ import annotations
 import enum
 import xml.etree.ElementTree as ET
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -97,6 +99,26 @@ def read_junit(xml_text: str) -> dict[str, CaseResult]:
         if previous is None or _SEVERITY.index(result.outcome) < _SEVERITY.index(previous.outcome):
             results[key] = result
     return results
+
+
+class ShardOverlap(ValueError):
+    """The same case is in two shards of one side: the split is wrong (a group run twice, say,
+    while another group's cases went missing from both sides, where no comparison sees them)."""
+
+
+def merge_shards(reports: Sequence[tuple[str, str]]) -> dict[str, CaseResult]:
+    """Test id -> result over the JUnit reports (name, XML text) of one side whose selection
+    was split into disjoint shards (pytest-split's --splits/--group): the union, as if one
+    run. ShardOverlap if a case is in more than one of them."""
+    merged: dict[str, CaseResult] = {}
+    found_in: dict[str, str] = {}
+    for name, text in reports:
+        for test_id, result in read_junit(text).items():
+            if test_id in found_in:
+                raise ShardOverlap(f"{test_id} is in two shards ({found_in[test_id]}, {name})")
+            found_in[test_id] = name
+            merged[test_id] = result
+    return merged
 
 
 class Verdict(enum.Enum):
