@@ -66,7 +66,11 @@ DEFAULT_FUNCTIONS: dict[str, tuple[str, ...]] = {
     ),
     "hw/vfio-user/container.c": ("vfio_user_dma_unmap", "vfio_user_dma_map"),
 }  # fmt: skip
-STATUSES = ("killed", "timeout", "survived", "equivalent", "build failed")
+STATUSES = ("killed", "timeout", "survived", "equivalent", "unobservable", "build failed")
+# Triage kinds of a survivor (ci/mutation_equivalent.toml), neither counted in the score:
+# "equivalent" cannot change what QEMU does; "unobservable" changes code no device the suite
+# can attach reaches (the reason names why), so no case of any suite could kill it here.
+TRIAGE_KINDS = ("equivalent", "unobservable")
 
 
 class MutationError(BuildError):
@@ -85,6 +89,12 @@ class Mutant:
 
     def diff(self) -> str:
         return f"@@ {self.file}:{self.line} ({self.function}) @@\n-{self.original}\n+{self.mutated}"
+
+
+@dataclass(frozen=True)
+class Triage:
+    kind: str  # one of TRIAGE_KINDS
+    reason: str
 
 
 @dataclass
@@ -169,15 +179,19 @@ def generate(tree: Path, file: str, lines: dict[int, str], out: Path) -> list[Mu
     return mutants
 
 
-def equivalents() -> dict[tuple[str, str, str, str], str]:
-    """(file, function, original, mutated) -> reason, from ci/mutation_equivalent.toml."""
-    if not EQUIVALENT_FILE.is_file():
+def equivalents(path: Path = EQUIVALENT_FILE) -> dict[tuple[str, str, str, str], Triage]:
+    """(file, function, original, mutated) -> triage, from ci/mutation_equivalent.toml."""
+    if not path.is_file():
         return {}
-    data = tomllib.loads(EQUIVALENT_FILE.read_text())
-    return {
-        (e["file"], e["function"], e["original"].strip(), e["mutated"].strip()): e["reason"]
-        for e in data.get("equivalent", [])
-    }
+    data = tomllib.loads(path.read_text())
+    found = {}
+    for e in data.get("equivalent", []):
+        kind = e.get("kind", "equivalent")
+        if kind not in TRIAGE_KINDS:
+            raise MutationError(f"{path.name}: kind {kind!r} is not one of {TRIAGE_KINDS}")
+        where = (e["file"], e["function"], e["original"].strip(), e["mutated"].strip())
+        found[where] = Triage(kind, e["reason"])
+    return found
 
 
 def write_fresh(source: Path, dest: Path) -> None:
@@ -300,28 +314,44 @@ class Campaign:
         tmp.replace(self.results_path)
 
 
-def report(mutants: list[Mutant], results: dict[str, dict[str, object]], meta: str) -> str:
-    equal = equivalents()
+def score(c: Counter[str]) -> str:
+    counted = c["killed"] + c["timeout"] + c["survived"]
+    return f"{100 * (c['killed'] + c['timeout']) / counted:.0f}%" if counted else "-"
+
+
+def report(
+    mutants: list[Mutant],
+    results: dict[str, dict[str, object]],
+    meta: str,
+    triage: dict[tuple[str, str, str, str], Triage] | None = None,
+) -> str:
+    triage = equivalents() if triage is None else triage
     per_file: dict[str, Counter[str]] = defaultdict(Counter)
     per_function: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    before: Counter[str] = Counter()  # the first run of every mutant a later suite re-ran
     survivors: list[Mutant] = []
+    triaged: list[tuple[Mutant, Triage]] = []
+    rerun = 0
     for m in mutants:
         if m.key not in results:
             continue
         status = str(results[m.key]["status"])
-        if (
-            status == "survived"
-            and (m.file, m.function, m.original.strip(), m.mutated.strip()) in equal
-        ):
-            status = "equivalent"
-        elif status == "survived":
-            survivors.append(m)
+        first = results[m.key].get("before")
+        first_status = str(first["status"]) if isinstance(first, dict) else status
+        rerun += first is not None
+        found = triage.get((m.file, m.function, m.original.strip(), m.mutated.strip()))
+        if found is not None and "survived" in (status, first_status):
+            triaged.append((m, found))
+        if status == "survived":
+            if found is not None:
+                status = found.kind
+            else:
+                survivors.append(m)
+        if first_status == "survived" and found is not None:
+            first_status = found.kind
         per_file[m.file][status] += 1
         per_function[(m.file, m.function)][status] += 1
-
-    def score(c: Counter[str]) -> str:
-        counted = c["killed"] + c["timeout"] + c["survived"]
-        return f"{100 * (c['killed'] + c['timeout']) / counted:.0f}%" if counted else "-"
+        before[first_status] += 1
 
     head = "| where | " + " | ".join(STATUSES) + " | score |\n|---|" + "---|" * (len(STATUSES) + 1)
     rows = [f"# Mutation report\n\n{meta}\n", "## Per file\n", head]
@@ -341,9 +371,15 @@ def report(mutants: list[Mutant], results: dict[str, dict[str, object]], meta: s
             + " | ".join(str(counts[s]) for s in STATUSES)
             + f" | {score(counts)} |"
         )
+    if rerun:
+        rows.insert(1, f"Score before the re-run of {rerun} survivors: {score(before)}; "
+                       f"after: {score(total)}.\n")  # fmt: skip
     rows += ["", f"## Survivors ({len(survivors)})\n"]
     for m in survivors:
         rows += [f"`{m.key}`\n", "```diff", m.diff(), "```", ""]
+    rows += ["", f"## Triaged: equivalent or unobservable ({len(triaged)})\n"]
+    for m, found in triaged:
+        rows += [f"`{m.key}` {found.kind}: {found.reason}\n", "```diff", m.diff(), "```", ""]
     return "\n".join(rows) + "\n"
 
 
@@ -402,6 +438,42 @@ def write_partial_report(out: Path) -> int:
     return 0
 
 
+def progress(where: str, mutant: Mutant, outcome: Outcome) -> None:
+    print(f"mutation: {where} {outcome.status:12} {outcome.seconds:5.1f} s "
+          f"{mutant.file}:{mutant.line} {mutant.function}: {mutant.mutated.strip()[:60]}"
+          + (f"  <- {outcome.killed_by}" if outcome.killed_by else ""),
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def suite_revision(suite: Path) -> str:
+    """The suite's commit (with '+' if its tree has changes): a re-run is per suite version."""
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(suite), *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "--short=12", "HEAD")
+    if head.returncode != 0:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+" if dirty else "")
+
+
+def rerun_candidates(
+    sample: list[Mutant], results: dict[str, dict[str, object]], suite: str
+) -> list[Mutant]:
+    """Untriaged survivors not yet re-run with this suite revision (a resumed re-run skips
+    the ones done)."""
+    triage = equivalents()
+    return [
+        m
+        for m in sample
+        if m.key in results
+        and results[m.key]["status"] == "survived"
+        and results[m.key].get("suite") != suite
+        and (m.file, m.function, m.original.strip(), m.mutated.strip()) not in triage
+    ]
+
+
 def _terminated(signum: int, _frame: object) -> None:
     # SIGTERM (a cancelled CI job, `kill`) stops like Ctrl-C: the source file is restored and
     # the results so far are kept. A background job started by a shell ignores SIGINT.
@@ -425,6 +497,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--suite", type=Path, default=ROOT, help=argparse.SUPPRESS)  # self-tests
     parser.add_argument(
         "--report-only", action="store_true", help="write report.md from results.json so far"
+    )
+    parser.add_argument(
+        "--rerun-survivors",
+        action="store_true",
+        help="run the sample's untriaged survivors again with the suite as it is now (the "
+        "first result is kept: the report gives the score before and after)",
     )
     options = parser.parse_args(argv)
     tree = options.qemu_src.resolve()
@@ -459,10 +537,20 @@ def main(argv: list[str]) -> int:
             outcome = campaign.run(mutant)
             campaign.results[mutant.key] = asdict(outcome)
             campaign.save(meta)
-            print(f"mutation: [{n}/{len(sample)}] {outcome.status:12} {outcome.seconds:5.1f} s "
-                  f"{mutant.file}:{mutant.line} {mutant.function}: {mutant.mutated.strip()[:60]}"
-                  + (f"  <- {outcome.killed_by}" if outcome.killed_by else ""),
-                  file=sys.stderr, flush=True)  # fmt: skip
+            progress(f"[{n}/{len(sample)}]", mutant, outcome)
+        if options.rerun_survivors:
+            suite = suite_revision(campaign.suite)
+            again = rerun_candidates(sample, campaign.results, suite)
+            for n, mutant in enumerate(again, 1):
+                first = campaign.results[mutant.key]
+                outcome = campaign.run(mutant)
+                campaign.results[mutant.key] = {
+                    **asdict(outcome),
+                    "suite": suite,
+                    "before": first.get("before", first),
+                }
+                campaign.save(meta)
+                progress(f"[re-run {n}/{len(again)}]", mutant, outcome)
         campaign.save(meta)
         campaign.qemu()  # leave the build directory with the unmutated binary
         summary = (

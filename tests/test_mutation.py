@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ci.mutation import (
     Mutant,
+    Triage,
     changed_lines,
     function_ranges,
     generate,
@@ -89,9 +90,9 @@ def test_report_scores_killed_and_timeouts_against_survivors() -> None:
         "s": {"status": "survived"},
         "b": {"status": "build failed"},
     }
-    text = report(mutants, results, "meta")
-    assert "| hw/x.c | 1 | 1 | 1 | 0 | 1 | 67% |" in text
-    assert "| hw/x.c:g | 0 | 0 | 0 | 0 | 1 | - |" in text
+    text = report(mutants, results, "meta", {})
+    assert "| hw/x.c | 1 | 1 | 1 | 0 | 0 | 1 | 67% |" in text
+    assert "| hw/x.c:g | 0 | 0 | 0 | 0 | 0 | 1 | - |" in text
     assert "## Survivors (1)" in text
     assert "-a\n+bs" in text
 
@@ -205,3 +206,45 @@ def test_campaign_classifies_every_mutant_and_resumes(tmp_path: Path) -> None:
     assert second.stderr.count("mutation: [") == 2, second.stderr
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(again["mutants"]) == set(results["mutants"]) | set(forgotten)
+    # A stronger suite: the survivors are run again (only they), the first result is kept and
+    # the report gives the score before and after; a second re-run with the same suite is empty.
+    survivors = {k for k, r in again["mutants"].items() if r["status"] == "survived"}
+    assert survivors
+    (tmp_path / "suite" / "test_fake.py").write_text(
+        FAKE_CASE + '    assert "return 7;" in text and "return 0;" in text\n'
+        '    assert "if (x > 0) {\\n        return 7;\\n    }\\n    return 0;\\n}" in text\n'
+    )
+    rerun = run_mutation(
+        [*argv[: argv.index("--")], "--rerun-survivors", *argv[argv.index("--") :]], env
+    )
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert rerun.stderr.count("mutation: [re-run") == len(survivors), rerun.stderr
+    after = json.loads((tmp_path / "out" / "results.json").read_text())["mutants"]
+    assert all(after[k]["before"]["status"] == "survived" for k in survivors)
+    assert {after[k]["status"] for k in survivors} <= {"killed", "timeout"}
+    assert f"Score before the re-run of {len(survivors)} survivors: " in rerun.stdout
+    idle = run_mutation(
+        [*argv[: argv.index("--")], "--rerun-survivors", *argv[argv.index("--") :]], env
+    )
+    assert idle.returncode == 0, idle.stderr
+    assert "re-run" not in idle.stderr, idle.stderr
+
+
+def test_report_counts_triaged_survivors_apart_with_their_reason() -> None:
+    mutants = [Mutant(k, "hw/x.c", "f", 1, "a", f"b{k}", "") for k in ("e", "u", "s", "k")]
+    results: dict[str, dict[str, object]] = {
+        "e": {"status": "survived"},
+        "u": {"status": "survived"},
+        "s": {"status": "survived"},
+        "k": {"status": "killed", "before": {"status": "survived"}},
+    }
+    triage = {
+        ("hw/x.c", "f", "a", "be"): Triage("equivalent", "same code"),
+        ("hw/x.c", "f", "a", "bu"): Triage("unobservable", "no device reaches it"),
+    }
+    text = report(mutants, results, "meta", triage)
+    assert "| hw/x.c | 1 | 0 | 1 | 1 | 1 | 0 | 50% |" in text
+    assert "Score before the re-run of 1 survivors: 0%; after: 50%." in text
+    assert "`e` equivalent: same code" in text
+    assert "`u` unobservable: no device reaches it" in text
+    assert "## Survivors (1)" in text
