@@ -27,9 +27,14 @@ by walking the domain's table pages in guest RAM), domains with 3-level tables (
 its own SecondLevelTables) and context / PASID entries with their AW (the context tables'
 set_context / set_pasid).
 
-Each example gets a fresh QEMU. The machine runs in a worker thread (hypothesis is synchronous);
-every step is a coroutine handed to the test's event loop, where QEMU's qtest and QMP sockets
-and the vfio-user hosts live.
+Examples share QEMUs (fixtures/rig/reset.py): one per configuration (cold devices, scalable
+mode), reset between examples and the reset checked against that QEMU's fresh state (VT-d
+registers, table window, host mappings, PCI topology, devices); an example that failed, or a
+reset that does not check out, gets a fresh QEMU (the example's output says which it ran on;
+VIOMMU_RIG_REUSE=0 starts every example fresh). Each example's type1 / notifier rules run at
+its teardown over its own records. The machine runs in a worker thread (hypothesis is
+synchronous); every step is a coroutine handed to the test's event loop, where QEMU's qtest and
+QMP sockets and the vfio-user hosts live.
 
 Known QEMU bugs (each pinned by a strict xfail elsewhere) are not generated: a live 2 MiB or
 1 GiB leaf is split the way Linux does it (unmap + flush, then the smaller leaves + flush),
@@ -50,7 +55,7 @@ through the edited tables (device and PASID-entry steps always count as seen), t
 features never generated ("mixed change": an edit that both replaced and added pages, checked
 as a plain step; known-bug features only count with VIOMMU_FUZZ_KNOWN_BUGS=1).
 With VIOMMU_FUZZ_STATS=path the case writes {"ops", "seconds", "fuzz_ops_per_s", "examples",
-"steps", "coverage"} there (ci/bench).
+"steps", "fresh_qemus", "reused_qemus", "reset_fallbacks", "coverage"} there (ci/bench).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ import enum
 import itertools
 import json
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
@@ -70,7 +76,9 @@ from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis import note as hypothesis_note
 from hypothesis import strategies as st
+from hypothesis.errors import StopTest
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -81,6 +89,7 @@ from hypothesis.stateful import (
 
 from fixtures.oracle.expected_state import Range
 from fixtures.qemu.pci_config import Bdf
+from fixtures.rig.reset import RigPool
 from fixtures.rig.vtd_rig import DATA_BASE, IOVA, RigFactory, VtdRig
 from fixtures.vtd import ContextType, Domain, PasidGranularTranslation, psi_blocks
 from fixtures.vtd.context_tables import LegacyContextTables, ScalableContextTables
@@ -254,6 +263,9 @@ class FuzzStats:
     steps: int = 0
     examples: int = 0
     seconds: float = 0.0
+    fresh_qemus: int = 0  # examples on a QEMU of their own (first of a configuration, fallback)
+    reused_qemus: int = 0  # examples on a reset QEMU whose reset checked out
+    reset_fallbacks: int = 0  # resets that did not check out (a fresh QEMU instead)
 
     def record(self) -> dict[str, Any]:
         rate = self.ops / self.seconds if self.seconds else 0.0
@@ -263,6 +275,9 @@ class FuzzStats:
             "examples": self.examples,
             "seconds": round(self.seconds, 3),
             "fuzz_ops_per_s": round(rate, 1),
+            "fresh_qemus": self.fresh_qemus,
+            "reused_qemus": self.reused_qemus,
+            "reset_fallbacks": self.reset_fallbacks,
         }
 
 
@@ -332,7 +347,7 @@ def diff(before: list[Seg], after: list[Seg]) -> Diff:
 
 class VtdStateMachine(RuleBasedStateMachine):
     loop: ClassVar[asyncio.AbstractEventLoop]
-    factory: ClassVar[RigFactory]
+    pool: ClassVar[RigPool]
     stats: ClassVar[FuzzStats]
     serial: ClassVar[int] = 0
 
@@ -352,10 +367,17 @@ class VtdStateMachine(RuleBasedStateMachine):
         self.cold: list[str] = []
         self.hotplugged: list[str] = []
         self.plugs = 0
+        self.failed = False  # a step raised: the rig's state is unknown, it is not reused
 
     # ---- plumbing ----------------------------------------------------------------------------
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(STEP_TIMEOUT_S)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(STEP_TIMEOUT_S)
+        except BaseException:
+            self.failed = True
+            future.cancel()  # a timed-out step must not run on beside the teardown
+            raise
 
     @property
     def r(self) -> VtdRig:
@@ -662,11 +684,15 @@ class VtdStateMachine(RuleBasedStateMachine):
     def start(
         self, cold: int, domains: list[int], levels: list[int], dmar: bool, scalable: bool
     ) -> None:
-        names = tuple(f"{self.tag}d{i}" for i in range(cold))
-        self.cold = list(names)
         self.rig = self.run(
-            self.factory(devices=names, ports=1, scalable=scalable, memory_mib=MEMORY_MIB)
+            self.pool.acquire(devices=cold, ports=1, scalable=scalable, memory_mib=MEMORY_MIB)
         )
+        names = tuple(self.r.devices)
+        self.cold = list(names)
+        origin = self.pool.origin(self.r)
+        hypothesis_note(f"rig: {origin}")
+        if self.pool.fell_back(self.r):
+            print(f"\n{self.tag}: {origin}")
         self.stats.examples += 1
         driver = self.r.driver
         for did, depth in zip(DOMAINS, levels, strict=True):
@@ -689,16 +715,17 @@ class VtdStateMachine(RuleBasedStateMachine):
             await coro
 
     def teardown(self) -> None:
+        """The example's rules over its own records (a break fails the example, which then
+        shrinks); its QEMU goes back to the pool only if nothing failed."""
         if self.rig is None:
             return
-        rig = self.rig
-
-        async def stop() -> None:
-            await rig.machine.shutdown()
-            for dev in rig.devices.values():
-                await dev.host.stop()
-
-        self.run(stop())
+        rig, self.rig = self.rig, None
+        # StopTest: hypothesis ended the example between steps (out of data), nothing failed.
+        raised = sys.exc_info()[1]
+        failed = self.failed or (raised is not None and not isinstance(raised, StopTest))
+        broken = [] if failed else [v.describe() for v in rig.violations()]
+        self.run(self.pool.release(rig, reusable=not failed and not broken))
+        assert not broken, "type1/notifier rules broken:\n" + "\n".join(broken)
 
     # ---- table edits, each flushed with a random covering scope -----------------------------
     @precondition(lambda self: self.rig is not None and bool(self.regions(None, "4K")))
@@ -1242,7 +1269,7 @@ async def test_cleared_entry_across_interrupt_window_unmaps_only_its_mappings(
 
 @pytest.mark.slow
 async def test_random_driver_sequences_keep_host_equal_to_tables(
-    vtd_rig: RigFactory, request: pytest.FixtureRequest, run_dir: Path
+    vtd_rig_pool: RigPool, request: pytest.FixtureRequest, run_dir: Path
 ) -> None:
     examples = request.config.getoption("fuzz_examples") or FUZZ_EXAMPLES_CI
     # The CI-sized run is the same program every time, so a gate's baseline and candidate run
@@ -1258,7 +1285,7 @@ async def test_random_driver_sequences_keep_host_equal_to_tables(
         pass
 
     Machine.loop = asyncio.get_running_loop()
-    Machine.factory = staticmethod(vtd_rig)
+    Machine.pool = vtd_rig_pool
     Machine.stats = stats
     config = settings(
         max_examples=examples,
@@ -1275,6 +1302,9 @@ async def test_random_driver_sequences_keep_host_equal_to_tables(
         )
     finally:
         stats.seconds = time.monotonic() - start
+        stats.fresh_qemus = vtd_rig_pool.fresh_starts
+        stats.reused_qemus = vtd_rig_pool.reuses
+        stats.reset_fallbacks = vtd_rig_pool.fallbacks
         record = stats.record()
         summary = coverage_summary()
         print(f"\nfuzz_ops_per_s: {record['fuzz_ops_per_s']} {json.dumps(record)}\n{summary}")
