@@ -36,7 +36,16 @@ from fixtures.vfio_user.errors import VfioUserDisconnected
 from fixtures.vfio_user.server import VfioUserServer
 from fixtures.vfio_user.wire import MAX_DATA_XFER, Command, DmaAccess
 from fixtures.vtd.page_tables import PAGE_4K
-from fixtures.vtd.registers import CAP, DMAR_BASE, FECTL, FSTS, Capability
+from fixtures.vtd.registers import (
+    CAP,
+    DMAR_BASE,
+    FEADDR,
+    FECTL,
+    FEDATA,
+    FEUADDR,
+    FSTS,
+    Capability,
+)
 
 pytestmark = pytest.mark.qtest
 
@@ -239,6 +248,83 @@ async def test_dma_to_unmapped_iova_is_refused_and_recorded(
     assert await engine_read(host, HOLE + 0x1000, 64) == errno.ENODEV
     assert await fault_record(machine) == before
     ram.assert_unchanged()
+
+
+# --- the fault event interrupt (VT-d 7.3.1) -----------------------------------------------
+# QEMU sends the fault event as an MSI straight to the local APIC (vtd_generate_interrupt).
+# No vCPU runs under qtest, so a delivered vector stays in the APIC's IRR; the APIC's MMIO
+# needs a current CPU, so the IRR is read from the monitor ("info lapic": decimal vectors).
+
+FAULT_VECTOR, LATER_VECTOR = 0x5A, 0x6B
+APIC_ADDRESS = 0xFEE0_0000  # MSI address: fixed delivery to APIC 0, physical destination
+
+
+async def irr_has(machine: QTestMachine, vector: int) -> bool:
+    dump = await machine.hmp("info lapic")
+    line = next((ln for ln in dump.splitlines() if ln.startswith("IRR")), None)
+    assert line is not None, f"no IRR line in 'info lapic':\n{dump}"
+    return str(vector) in line.split()[1:]
+
+
+async def program_fault_event(machine: QTestMachine, vector: int, *, masked: bool) -> None:
+    """What a driver's fault handler set-up does: FEDATA, FEADDR, FEUADDR, then FECTL with
+    the mask as asked."""
+    qtest = machine.qtest
+    await qtest.writel(DMAR_BASE + FEDATA, vector)
+    await qtest.writel(DMAR_BASE + FEADDR, APIC_ADDRESS)
+    await qtest.writel(DMAR_BASE + FEUADDR, 0)
+    await qtest.writel(DMAR_BASE + FECTL, FECTL_IM if masked else 0)
+
+
+async def clear_fault(machine: QTestMachine) -> None:
+    """Software's service of the fault: FRCD.F and then FSTS.PPF are write-1-to-clear."""
+    qtest = machine.qtest
+    cap = Capability(await qtest.readq(DMAR_BASE + CAP))
+    await qtest.writel(DMAR_BASE + cap.fro + 12, FRCD_F >> 32)  # F is bit 127: the top dword
+    await qtest.writel(DMAR_BASE + FSTS, FSTS_PPF)
+
+
+@pytest.mark.parametrize("scalable", MODES)
+async def test_fault_event_interrupt_reaches_the_apic_once_per_serviced_fault(
+    vtd_rig: RigFactory, scalable: bool
+) -> None:
+    """Unmasked, a recorded fault sends FEDATA's vector to FEADDR's APIC and leaves FECTL.IP
+    clear. While that fault is pending (PPF) a second fault sends nothing; once software has
+    cleared it, the next fault is signalled again."""
+    rig = await translated_rig(vtd_rig, scalable)
+    host, machine = rig.devices["d0"].host, rig.machine
+    await program_fault_event(machine, FAULT_VECTOR, masked=False)
+    assert not await irr_has(machine, FAULT_VECTOR)
+    assert await engine_write(host, HOLE + 0x100, 64) == errno.ENODEV
+    got = await fault_record(machine)
+    assert got.recorded, got.describe()
+    assert await irr_has(machine, FAULT_VECTOR), f"no fault event at the APIC: {got.describe()}"
+    assert not got.fectl & FECTL_IP, got.describe()
+    await machine.qtest.writel(DMAR_BASE + FEDATA, LATER_VECTOR)
+    assert await engine_write(host, HOLE + 0x1100, 64) == errno.ENODEV
+    assert not await irr_has(machine, LATER_VECTOR), "a fault event while PPF was still set"
+    await clear_fault(machine)
+    assert not (await fault_record(machine)).pending
+    assert await engine_write(host, HOLE + 0x2100, 64) == errno.ENODEV
+    assert await irr_has(machine, LATER_VECTOR), (await fault_record(machine)).describe()
+
+
+@pytest.mark.parametrize("scalable", MODES)
+async def test_masked_fault_event_is_held_pending_and_sent_on_unmask(
+    vtd_rig: RigFactory, scalable: bool
+) -> None:
+    """Masked (FECTL.IM), a fault sets FECTL.IP and sends nothing; clearing IM sends the held
+    interrupt and clears IP."""
+    rig = await translated_rig(vtd_rig, scalable)
+    host, machine = rig.devices["d0"].host, rig.machine
+    await program_fault_event(machine, FAULT_VECTOR, masked=True)
+    assert await engine_write(host, HOLE + 0x100, 64) == errno.ENODEV
+    got = await fault_record(machine)
+    assert got.fectl & (FECTL_IM | FECTL_IP) == FECTL_IM | FECTL_IP, got.describe()
+    assert not await irr_has(machine, FAULT_VECTOR), "a masked fault event reached the APIC"
+    await machine.qtest.writel(DMAR_BASE + FECTL, 0)
+    assert await irr_has(machine, FAULT_VECTOR), "unmasking did not send the held fault event"
+    assert not (await fault_record(machine)).fectl & FECTL_IP
 
 
 @pytest.mark.parametrize("scalable", MODES)
