@@ -10,20 +10,23 @@ device in the other root port afterwards.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from fixtures.qemu.errors import QMPCommandError
 from fixtures.qemu.pci_config import Bdf, PciConfig
+from fixtures.qemu.pcie_hotplug import power_on_slot
 from fixtures.qemu.qtest_machine import QTestMachine
 from fixtures.qemu.spec import MachineSpec
 from fixtures.vfio_user import hostile
 from fixtures.vfio_user.pci import BAR0_REGION, CONFIG_REGION
 from fixtures.vfio_user.server import VfioUserServer
-from fixtures.vfio_user.wire import MAX_DATA_XFER, Command
+from fixtures.vfio_user.wire import MAX_DATA_XFER, Command, DmaAccess
 
 pytestmark = [
     pytest.mark.qtest,
@@ -290,3 +293,58 @@ async def test_region_read_reply_of_the_wrong_size(launch: Any, vfio_user_host: 
     misbehaviour = hostile.region_read(count_delta=2, data_delta=2, region=CONFIG_REGION)
     _machine, _host, error = await plug_hostile(launch, vfio_user_host, misbehaviour)
     assert error is not None
+
+
+# --- unsolicited requests ------------------------------------------------------------------
+
+FLOOD_READS, FLOOD_UNKNOWN = 2000, 500
+UNKNOWN_COMMAND = 0x7FFF  # no vfio-user command has this number
+FLOOD_GPA = 0x10_0000  # guest RAM the flood's DMA_READs read (no vIOMMU: GPA == IOVA)
+
+
+async def test_flood_of_unsolicited_requests_is_answered_and_qemu_stays_responsive(
+    launch: Any, vfio_user_host: Any
+) -> None:
+    """A device process floods QEMU with requests no one asked for: 2000 DMA_READs and 500
+    requests of a command that does not exist, all in flight at once. QEMU answers every one
+    (the reads with their data, the unknown command with ENOSYS, as hw/vfio-user/pci.c's
+    request handler does), answers QMP while the flood is in flight, leaks no fd, writes no
+    guest RAM, and the device still answers config reads afterwards."""
+    machine = await hostile_machine(launch)
+    host = await vfio_user_host("fl0")
+    props = {"x-msg-timeout": MSG_TIMEOUT_MS}
+    await machine.qmp("device_add", **host.device_json(bus="rp0", **props))
+    await host.wait_connected(timeout=5.0)
+    device = Bdf(1, 0)
+    cfg = PciConfig(machine.qtest)
+    await power_on_slot(cfg, PORTS[0])  # a device in a powered-off slot does no DMA
+    for bdf in (PORTS[0], device):  # a DMA_READ crosses the port's bus-master window too
+        await cfg.enable_bus_master(bdf)
+    vendor = await cfg.read(device, 0, 2)
+    fds_before = open_fds(machine)
+    ram_before = machine.ram.read(0, machine.ram.size)
+    session = host.session
+    assert session is not None
+    reads = [
+        session.request(Command.DMA_READ, DmaAccess(FLOOD_GPA + 8 * i, 8).encode(), timeout=60)
+        for i in range(FLOOD_READS)
+    ]
+    unknown = [
+        session.request(cast("Command", UNKNOWN_COMMAND), b"", timeout=60)
+        for _ in range(FLOOD_UNKNOWN)
+    ]
+    flood = asyncio.ensure_future(asyncio.gather(*reads, *unknown))
+    try:
+        assert (await machine.qmp("query-status", timeout=10.0))["status"] == "running"
+        replies = await asyncio.wait_for(flood, 120)
+    finally:
+        flood.cancel()
+    read_errors = [h.error for h, _ in replies[:FLOOD_READS] if h.is_error]
+    assert read_errors == [], f"{len(read_errors)} DMA_READs refused: {sorted(set(read_errors))}"
+    unknown_replies = {(h.is_error, h.error) for h, _ in replies[FLOOD_READS:]}
+    assert unknown_replies == {(True, errno.ENOSYS)}, unknown_replies
+    assert machine.running
+    assert open_fds(machine) <= fds_before, "the flood left fds open in QEMU"
+    assert machine.ram.read(0, machine.ram.size) == ram_before, "guest RAM changed"
+    assert await cfg.read(device, 0, 2) == vendor
+    assert host.connected
