@@ -35,8 +35,9 @@ it starts carries a marker in its environment. After the trial:
            the harness (no Python "Traceback (most recent call last)", INTERNALERROR,
            "Exception ignored", "Task was destroyed", "never retrieved", "never awaited",
            unraisable- or thread-exception warnings anywhere in the output); and the first
-           short-summary line of the case (FAILED/ERROR nodeid - message, or pytest's
-           KeyboardInterrupt line) names the cause: it matches the fault's pattern.
+           short-summary lines of the case (FAILED/ERROR nodeid - message; pytest's
+           KeyboardInterrupt line for a signal) include one that names the cause: it matches
+           the fault's pattern (FAULTS below).
 
 The table (stdout and OUTPUT/faults.md) has one row per fault: trials, landed (the fault hit
 before the case ended), clean reports, leaks. Each trial's output, command and verdict stay
@@ -91,7 +92,9 @@ class Fault:
     guest: bool = False
 
 
-CRASHED = r"crashed in the middle of reply"
+# A host crash is named by the host (its record is gone), or by QEMU's reaction to it: QEMU's
+# own crash (a finding) or its error line about the closed socket.
+CRASHED = r"crashed in the middle of reply|QEMU exited .*signal SIGSEGV|server closed socket"
 FAULTS: dict[str, Fault] = {
     f.name: f
     for f in (
@@ -404,7 +407,9 @@ class Runner:
             env[FAULT_ENV] = f"{fault.hook}:{at}:{fraction:.3f}"
             detail = f"{FAULT_ENV}={env[FAULT_ENV]} (of ~{total})"
         elif fault.signal is not None:
-            span = cal.qemu_life if fault.target == "qemu" else cal.after_qemu
+            # QEMU: over its life. pytest: over QEMU's life (the case) and half a second
+            # beyond (its teardown, the session's end); later is a plain pass anyway.
+            span = cal.qemu_life + (0.5 if fault.target == "pytest" else 0.0)
             delay = rng.uniform(0.0, span)
             sig = signal.Signals(fault.signal).name
             detail = f"{sig} to {fault.target} {delay:.2f} s after QEMU appeared"
@@ -481,13 +486,14 @@ def judge(trial: Trial, fault: Fault, output: str) -> None:
     else:
         if trial.rc != 1:
             problems.append(f"exit status {trial.rc}, not 1 (a case failed)")
+        naming = [m for m in summaries if re.search(fault.cause, m.group(3) or "")]
         if not summaries:
             problems.append("no FAILED/ERROR summary line")
+        elif not naming:
+            trial.summary = summaries[0].group(0)
+            problems.append(f"no summary line names the cause /{fault.cause}/")
         else:
-            first = summaries[0]
-            trial.summary = first.group(0)
-            if not re.search(fault.cause, first.group(3) or ""):
-                problems.append(f"summary does not name the cause /{fault.cause}/")
+            trial.summary = naming[0].group(0)
     if escaped := ESCAPED.search(output):
         problems.append(f"escaped the harness: {escaped.group(0)!r}")
     trial.clean = not problems
