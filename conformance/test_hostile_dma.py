@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from conformance.known_bugs import U32_DMA_COUNT
 from fixtures.qemu.capabilities import Capabilities
 from fixtures.qemu.pci_config import Bdf
 from fixtures.qemu.qtest_machine import QTestMachine
@@ -589,6 +590,36 @@ async def test_dma_with_dmar_off_outside_guest_ram(vtd_rig: RigFactory) -> None:
     ram.assert_unchanged()
     assert_no_fault(await fault_record(machine))
     assert rom_reply == errno.ENODEV, f"ROM write answered {errno.errorcode.get(rom_reply)}"
+
+
+MSI_VECTOR = 0x77
+
+
+@U32_DMA_COUNT
+@pytest.mark.parametrize(
+    ("dmar", "scalable"),
+    [
+        pytest.param(False, False, id="dmar-off"),
+        pytest.param(True, False, id="legacy"),
+        pytest.param(True, True, id="scalable"),
+    ],
+)
+async def test_write_to_the_interrupt_window_is_an_interrupt_not_memory(
+    vtd_rig: RigFactory, dmar: bool, scalable: bool
+) -> None:
+    """VT-d 3.14: a request without PASID to 0xFEEx_xxxx is an interrupt request whatever
+    DMAR's state, never translated through the device's tables nor written to memory. A
+    device's DMA_WRITE of an MSI data word there (remapping off: compatibility format) reaches
+    the APIC as that vector; guest RAM is unchanged and no DMA fault is recorded."""
+    rig = await (translated_rig(vtd_rig, scalable) if dmar else vtd_rig())
+    host, machine = rig.devices["d0"].host, rig.machine
+    assert await rig.driver.translation_enabled() == dmar
+    ram = RamSnapshot(machine)
+    assert not await irr_has(machine, MSI_VECTOR)
+    assert await dma_write(host, APIC_ADDRESS, MSI_VECTOR.to_bytes(4, "little")) == 0
+    assert await irr_has(machine, MSI_VECTOR), "the interrupt-window write was not an interrupt"
+    ram.assert_unchanged()
+    assert_no_fault(await fault_record(machine))
 
 
 @pytest.mark.parametrize("scalable", MODES)
