@@ -348,3 +348,44 @@ async def test_flood_of_unsolicited_requests_is_answered_and_qemu_stays_responsi
     assert machine.ram.read(0, machine.ram.size) == ram_before, "guest RAM changed"
     assert await cfg.read(device, 0, 2) == vendor
     assert host.connected
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "QEMU bug: fds on a server->client request leak in QEMU. vfio_user_recv_one "
+        "(hw/vfio-user/proxy.c) stores them with vfio_user_getfds(numfds), which leaves "
+        "recv_fds 0 (g_malloc0), so vfio_user_putfds closes none when vfio_user_pci_process_req "
+        "refuses the request (EINVAL). 11.1.3 and 10.2.2: 3 requests with 1 fd leave 3 more fds "
+        "open in QEMU, with 200 fds 48 (16 kept per message): a device process can exhaust "
+        "QEMU's fd table"
+    ),
+)
+@pytest.mark.parametrize("count", [pytest.param(1, id="one"), pytest.param(200, id="two-hundred")])
+async def test_requests_carrying_fds_are_refused_and_the_fds_closed(
+    launch: Any, vfio_user_host: Any, count: int
+) -> None:
+    """No host->client request takes a file descriptor. A device process sending DMA_READs
+    with `count` fds attached gets EINVAL for each (hw/vfio-user/pci.c), QEMU keeps none of
+    the fds, and the next honest DMA_READ is served."""
+    machine = await hostile_machine(launch)
+    host = await vfio_user_host("fd0")
+    props = {"x-msg-timeout": MSG_TIMEOUT_MS}
+    await machine.qmp("device_add", **host.device_json(bus="rp0", **props))
+    await host.wait_connected(timeout=5.0)
+    cfg = PciConfig(machine.qtest)
+    await power_on_slot(cfg, PORTS[0])
+    for bdf in (PORTS[0], Bdf(1, 0)):
+        await cfg.enable_bus_master(bdf)
+    session = host.session
+    assert session is not None
+    fds_before = open_fds(machine)
+    read = DmaAccess(FLOOD_GPA, 8).encode()
+    for _ in range(3):
+        fds = tuple(os.open(os.devnull, os.O_RDONLY) for _ in range(count))
+        header, _ = await session.request(Command.DMA_READ, read, fds=fds, timeout=10)
+        assert (header.is_error, header.error) == (True, errno.EINVAL), header.describe()
+    assert open_fds(machine) <= fds_before, "QEMU kept fds a request carried"
+    header, _ = await session.request(Command.DMA_READ, read, timeout=10)
+    assert not header.is_error, header.describe()
+    assert machine.running
