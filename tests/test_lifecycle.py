@@ -4,6 +4,7 @@ even SIGKILL of the harness; artefacts stay for failures and go for passes.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -109,3 +110,39 @@ def test_interrupted_harness_leaves_no_qemu(tmp_path: Path, qemu_binary: str, si
     # Whatever a killed harness could not remove, the next session sweeps.
     run_pytest(write_case(tmp_path, "def test_nothing(): pass"))
     assert not recorded(tmp_path)[1].exists(), "stale runtime directory survived the next run"
+
+
+TWO_CASES = """
+    from fixtures.qemu.spec import MachineSpec
+
+    async def test_one(launch):
+        await launch(MachineSpec(accel="qtest"))
+
+    async def test_two(launch):
+        await launch(MachineSpec(accel="qtest"))
+"""
+
+
+@pytest.mark.parametrize("qemu", ["none", "not-a-qemu"])
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unusable_qemu_stops_the_run_with_one_line_serial_or_xdist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qemu: str, workers: str
+) -> None:
+    """No QEMU, or one that fails the capability probe: every worker stops with the reason and
+    no verdict (exit 2), never an xdist INTERNALERROR for a worker that vanished mid-case."""
+    monkeypatch.delenv("VIOMMU_QEMU", raising=False)
+    args = ["-n", workers]
+    reason = "no QEMU under test"
+    if qemu == "not-a-qemu":
+        fake = tmp_path / "qemu-system-x86_64"
+        fake.write_text("#!/bin/sh\necho 'not a QEMU' >&2; exit 3\n")
+        fake.chmod(0o755)
+        args += ["--qemu", str(fake)]
+        reason = "exited 3: not a QEMU"
+    code, out = run_pytest(write_case(tmp_path, TWO_CASES), *args)
+    assert code == 2, out
+    assert "INTERNALERROR" not in out, out
+    assert "Traceback" not in out, out
+    assert "During handling" not in out, out
+    # Serial pytest says "! Interrupted: ...", pytest-xdist "! xdist.dsession.Interrupted: ...".
+    assert re.search(rf"^! (xdist\.dsession\.)?Interrupted: .*{reason}.* !$", out, re.M), out
