@@ -2,7 +2,7 @@
 
 Wall-clock figures on a noisy machine mean little alone, so each case time is also reported
 as a ratio to a bare QEMU start+quit measured in the same run.
-Usage: ci/bench [--runs N] [--fuzz-examples N] [--skip-guest]
+Usage: ci/bench [--runs N] [--fuzz-examples N] [--skip-guest] [--skip-ci-test]
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from ci.guest_bench import guest_bench  # noqa: E402
 from ci.vtd_fuzz_bench import measure_fuzz_ops_per_s  # noqa: E402
 
 QTEST_CASE = "conformance/test_vtd_registers.py::test_te_enable_keeps_other_persistent_bits"
+CI_TEST_TIMEOUT_S = 3600
+# pytest's last line, e.g. "=== 690 passed, 3 skipped, 32 xfailed in 301.2s (0:05:01) ===".
+SUMMARY_LINE = re.compile(r"^=+ (.*\b(passed|failed|error|errors)\b.*) in [0-9.]+s.*=+$")
 
 
 def bare_qemu_start_quit(qemu: str) -> float:
@@ -62,6 +66,26 @@ def pytest_case_seconds(nodeid: str, qemu: str, *extra: str) -> float:
         return float(case.get("time", "nan"))
 
 
+def ci_test_seconds(qemu: str, log: Path) -> tuple[float, str]:
+    """Wall time of one whole ci/test (lint, type check, every test, as CI runs it) and its
+    pytest summary; its output goes to `log`. A failing run is no figure: SystemExit."""
+    start = time.perf_counter()
+    with log.open("wb") as sink:
+        try:
+            code = subprocess.run(
+                [str(ROOT / "ci" / "test"), f"--qemu={qemu}"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                stdout=sink, stderr=subprocess.STDOUT, timeout=CI_TEST_TIMEOUT_S, check=False,
+            ).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"bench: ci/test ran over {CI_TEST_TIMEOUT_S} s ({log})") from None
+    seconds = time.perf_counter() - start
+    lines = log.read_text(errors="replace").splitlines()
+    summary = next((m.group(1) for m in map(SUMMARY_LINE.match, reversed(lines)) if m), "")
+    if code != 0:
+        raise SystemExit(f"bench: ci/test exited {code}: {summary or lines[-1:]} (log: {log})")
+    return seconds, summary
+
+
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
 
@@ -72,6 +96,9 @@ def main() -> None:
     parser.add_argument("--qemu", default=os.environ.get("VIOMMU_QEMU"))
     parser.add_argument("--fuzz-examples", type=int, default=20)
     parser.add_argument("--skip-guest", action="store_true", help="no guest-tier figures")
+    parser.add_argument(
+        "--skip-ci-test", action="store_true", help="no ci_test_s (one whole ci/test run: minutes)"
+    )
     opts = parser.parse_args()
     if not opts.qemu:
         raise SystemExit("bench: no QEMU (pass --qemu or run through ci/bench)")
@@ -87,12 +114,21 @@ def main() -> None:
         print(f"{name}: {value}", flush=True)
     fuzz = measure_fuzz_ops_per_s(opts.qemu, examples=opts.fuzz_examples)
     print(f"fuzz_ops_per_s: {fuzz['fuzz_ops_per_s']:.1f}", flush=True)
+    # The stateful machine's own count and clock (QEMU start-up per example included).
+    per_min = 60.0 * fuzz["examples"] / fuzz["seconds"] if fuzz["seconds"] else float("nan")
+    print(f"stateful_examples_per_min: {per_min:.1f}", flush=True)
     if not opts.skip_guest:
         guest = asyncio.run(guest_bench(opts.qemu, boots=opts.runs))
         print(f"guest_boot_s: {guest['guest_boot_s']:.2f}")
         print(f"guest_boot_over_bare: {guest['guest_boot_s'] / bare:.1f}")
         print(f"agent_map_unmap_per_s: {guest['agent_map_unmap_per_s']:.1f}")
         print(f"guest_map_unmap_per_s: {guest['guest_map_unmap_per_s']:.1f}", flush=True)
+    if not opts.skip_ci_test:
+        # Last, so that the figures above are not taken beside it; the log outlives the run.
+        log = Path(tempfile.mkstemp(prefix="bench-ci-test-", suffix=".log")[1])
+        seconds, summary = ci_test_seconds(opts.qemu, log)
+        print(f"ci_test_s: {seconds:.1f}")
+        print(f"ci_test_summary: {summary} (log: {log})", flush=True)
 
 
 if __name__ == "__main__":
