@@ -93,8 +93,12 @@ class Fault:
 
 
 # A host crash is named by the host (its record is gone), or by QEMU's reaction to it: QEMU's
-# own crash (a finding) or its error line about the closed socket.
-CRASHED = r"crashed in the middle of reply|QEMU exited .*signal SIGSEGV|server closed socket"
+# own crash (a finding), its error line about the closed socket, or its refusal to start that
+# names the device and the socket that failed.
+CRASHED = (
+    r"crashed in the middle of reply|QEMU exited .*signal SIGSEGV|server closed socket"
+    r"|vfio-user-pci.*(socket|Broken pipe)|vhost-user.*(failed to init vhost_net|Failed to connect)"
+)
 FAULTS: dict[str, Fault] = {
     f.name: f
     for f in (
@@ -115,6 +119,9 @@ WEIGHTS = {
 }  # fmt: skip
 SHORT = ("qemu-sigkill-qtest", "vfio-user-crash", "vhost-user-crash", "pytest-sigint",
          "pytest-sigterm", "full-fs")  # fmt: skip
+
+
+SHORT_HOOKS = ("vfio-user-crash", "vhost-user-crash", "ssh-drop")
 
 
 class FaultsError(Exception):
@@ -260,8 +267,8 @@ def socket_fds(pid: int) -> list[str]:
 
 
 class Runner:
-    def __init__(self, qemu: str, out: Path, python: str) -> None:
-        self.qemu, self.out, self.python = qemu, out, python
+    def __init__(self, qemu: str, out: Path, python: str, *, short: bool = False) -> None:
+        self.qemu, self.out, self.python, self.short = qemu, out, python, short
         self.calibrations: dict[str, Calibration] = {}
         self.scratch = Path("/var/tmp") / f"vfaults-{os.getpid()}"
         self.shm_base = Path("/dev/shm")
@@ -362,6 +369,13 @@ class Runner:
     def calibrate(self, case: str) -> Calibration:
         if case in self.calibrations:
             return self.calibrations[case]
+        if self.short:
+            # No clean run first (time): early points only, which every short case reaches
+            # (its first 20 replies; QEMU's first 0.3 s).
+            self.calibrations[case] = Calibration(
+                case, 30.0, 0.3, 0.3, dict.fromkeys(SHORT_HOOKS, 21)
+            )
+            return self.calibrations[case]
         name = f"calibrate-{len(self.calibrations)}"
         rc, output, leaks, timings, world = self.run(name, case, keep=True)
         try:
@@ -407,9 +421,9 @@ class Runner:
             env[FAULT_ENV] = f"{fault.hook}:{at}:{fraction:.3f}"
             detail = f"{FAULT_ENV}={env[FAULT_ENV]} (of ~{total})"
         elif fault.signal is not None:
-            # QEMU: over its life. pytest: over QEMU's life (the case) and half a second
-            # beyond (its teardown, the session's end); later is a plain pass anyway.
-            span = cal.qemu_life + (0.5 if fault.target == "pytest" else 0.0)
+            # QEMU: over its life. pytest: over QEMU's life (the case) and 0.2 s beyond (its
+            # teardown, the session's end); later is a plain pass anyway.
+            span = cal.qemu_life + (0.2 if fault.target == "pytest" else 0.0)
             delay = rng.uniform(0.0, span)
             sig = signal.Signals(fault.signal).name
             detail = f"{sig} to {fault.target} {delay:.2f} s after QEMU appeared"
@@ -559,7 +573,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ci/faults", description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=None, help="default 200 (--short: 6)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--short", action="store_true", help="one trial of each qtest-tier fault")
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="one trial of each qtest-tier fault, early fault points, no calibration runs",
+    )
     parser.add_argument(
         "--faults", default=None, help=f"comma-separated subset of {','.join(FAULTS)}"
     )
@@ -594,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     rng = random.Random(args.seed)
-    runner = Runner(args.qemu, out, sys.executable)
+    runner = Runner(args.qemu, out, sys.executable, short=args.short)
     trials: list[Trial] = []
     started = time.monotonic()
     try:
