@@ -5,10 +5,14 @@ machine (conformance/test_stateful.py), measured by one pytest run of that case.
     record = measure_fuzz_ops_per_s(qemu, examples=20)
     print(f"fuzz_ops_per_s: {record['fuzz_ops_per_s']}")
 
-`record` is {"ops", "steps", "examples", "seconds", "fuzz_ops_per_s", "coverage"}: ops are
-invalidation descriptors whose step passed the host-vs-oracle check; seconds is the machine's
-whole run, QEMU start-up per example included (what a user waits for); coverage counts the
-steps per table-space feature that passed (the case's summary, FEATURES in the case).
+`record` is {"ops", "steps", "examples", "seconds", "fuzz_ops_per_s", "fresh_qemus",
+"reused_qemus", "reset_fallbacks", "coverage"}: ops are invalidation descriptors whose step
+passed the host-vs-oracle check; seconds is the machine's whole run, QEMU start-ups and the
+checked resets between examples included (what a user waits for); fresh / reused / fallbacks
+count the examples that ran on a QEMU of their own, on a reset QEMU, and resets that did not
+check out (fixtures/rig/reset.py); coverage counts the steps per table-space feature that
+passed (the case's summary, FEATURES in the case). reuse=False (`--fresh` on the command line)
+starts a fresh QEMU for every example (VIOMMU_RIG_REUSE=0), for comparison.
 """
 
 from __future__ import annotations
@@ -38,11 +42,14 @@ def measure_fuzz_ops_per_s(
     python: str = sys.executable,
     repo: Path | None = None,
     timeout: float = TIMEOUT_S,
+    reuse: bool = True,
 ) -> dict[str, Any]:
     root = repo or Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="fuzz-bench-") as tmp:
         stats = Path(tmp) / "stats.json"
         env = dict(os.environ, VIOMMU_FUZZ_STATS=str(stats))
+        if not reuse:
+            env["VIOMMU_RIG_REUSE"] = "0"
         cmd = [
             python,
             "-m",
@@ -67,7 +74,10 @@ def measure_fuzz_ops_per_s(
 
 
 if __name__ == "__main__":
-    result = measure_fuzz_ops_per_s(sys.argv[1], examples=int(sys.argv[2]) if sys.argv[2:] else 20)
+    args = [a for a in sys.argv[1:] if a != "--fresh"]
+    result = measure_fuzz_ops_per_s(
+        args[0], examples=int(args[1]) if args[1:] else 20, reuse="--fresh" not in sys.argv
+    )
     coverage = result.pop("coverage", {})
     print(f"fuzz_ops_per_s: {result['fuzz_ops_per_s']} {json.dumps(result)}")
     print(f"fuzz_features_covered: {sum(1 for n in coverage.values() if n)}")
