@@ -461,8 +461,8 @@ def suite_revision(suite: Path) -> str:
 def rerun_candidates(
     sample: list[Mutant], results: dict[str, dict[str, object]], suite: str
 ) -> list[Mutant]:
-    """Untriaged survivors not yet re-run with this suite revision (a resumed re-run skips
-    the ones done)."""
+    """Untriaged survivors not yet re-run with this suite (revision and selection; a resumed
+    re-run skips the ones done)."""
     triage = equivalents()
     return [
         m
@@ -539,7 +539,8 @@ def main(argv: list[str]) -> int:
             campaign.save(meta)
             progress(f"[{n}/{len(sample)}]", mutant, outcome)
         if options.rerun_survivors:
-            suite = suite_revision(campaign.suite)
+            # A survivor is re-run once per suite revision and selection (qtest, then guest).
+            suite = f"{suite_revision(campaign.suite)} {' '.join(pytest_args)}"
             again = rerun_candidates(sample, campaign.results, suite)
             for n, mutant in enumerate(again, 1):
                 first = campaign.results[mutant.key]
