@@ -1,6 +1,7 @@
 """Fault campaign: break the harness's world mid-case and count what it leaves behind.
 
 Usage: ci/faults [--trials N] [--seed S] [--short] [--faults K,...] [--output DIR] [--qemu PATH]
+       ci/faults --rejudge --output DIR   (the verdicts again from a campaign's kept logs)
 
 Every trial is one pytest session running one short case with one fault, seeded:
 
@@ -98,6 +99,7 @@ class Fault:
 CRASHED = (
     r"crashed in the middle of reply|QEMU exited .*signal SIGSEGV|server closed socket"
     r"|vfio-user-pci.*(socket|Broken pipe)|vhost-user.*(failed to init vhost_net|Failed to connect)"
+    r"|Unable to write to socket: Broken pipe"
 )
 FAULTS: dict[str, Fault] = {
     f.name: f
@@ -578,6 +580,9 @@ def table(trials: list[Trial]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ci/faults", description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=None, help="default 200 (--short: 6)")
+    parser.add_argument(
+        "--rejudge", action="store_true", help="verdicts again from --output's trial logs, no runs"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--short",
@@ -596,6 +601,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if unknown := [n for n in names if n not in FAULTS]:
             parser.error(f"unknown fault {unknown[0]!r} (known: {', '.join(FAULTS)})")
     args.names = names
+    if args.rejudge:
+        if args.output is None or not args.output.is_dir():
+            parser.error("--rejudge needs --output DIR (a campaign's output directory)")
+        return args
     if args.trials is None:
         args.trials = len(names) if args.short else 200
     if args.trials < len(names):
@@ -607,8 +616,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def rejudge(out: Path) -> list[Trial]:
+    """The verdicts of a finished campaign again, from its kept trial logs, with this file's
+    cause patterns (the leaks are what the trial counted; they cannot be counted again)."""
+    trials = []
+    for record in sorted(out.glob("trial-[0-9][0-9][0-9].json")):
+        trial = Trial(**json.loads(record.read_text()))
+        judge(trial, FAULTS[trial.fault], record.with_suffix(".log").read_text(errors="replace"))
+        record.write_text(json.dumps(asdict(trial), indent=1) + "\n")
+        trials.append(trial)
+    return trials
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.rejudge:
+        judged = rejudge(args.output)
+        text = table(judged)
+        (args.output / "faults.md").write_text(text)
+        print(f"re-judged {len(judged)} trials in {args.output}\n{text}", end="")
+        return 0 if judged and all(t.clean and not t.leaks for t in judged) else 1
     if os.geteuid() != 0:
         print("ci/faults: needs root (a mount namespace per trial, a tmpfs for full-fs)",
               file=sys.stderr)  # fmt: skip
