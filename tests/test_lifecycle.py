@@ -4,9 +4,11 @@ even SIGKILL of the harness; artefacts stay for failures and go for passes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,9 +86,26 @@ def test_timed_out_await_fails_cleanly(tmp_path: Path, qemu_binary: str) -> None
     assert_gone(tmp_path)
 
 
+@contextlib.contextmanager
+def sigint_not_ignored() -> Iterator[None]:
+    """Children started inside get SIGINT's default action. A shell without job control
+    starts `cmd &` with SIGINT ignored (POSIX), and an ignored signal stays ignored across
+    exec: a harness started from there, as by a CI script's background job, would never see
+    the Ctrl-C this test sends, and sleep on past its timeout."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # reset to SIG_DFL by exec
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_harness_leaves_no_qemu(tmp_path: Path, qemu_binary: str, sig: int) -> None:
-    proc = start_pytest(case(tmp_path, "await asyncio.sleep(60)"), "--qemu", qemu_binary)
+    with sigint_not_ignored():
+        proc = start_pytest(case(tmp_path, "await asyncio.sleep(60)"), "--qemu", qemu_binary)
     try:
         for _ in range(200):
             if (tmp_path / "pid").exists() and (tmp_path / "pid").read_text():
