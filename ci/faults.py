@@ -32,7 +32,8 @@ it starts carries a marker in its environment. After the trial:
            an artefact directory kept for a case that passed.
   clean    the report was one clear line: pytest exited by itself within the time limit with
            the status the fault calls for (1: a case failed; 2: interrupted; 0 only when the
-           fault never landed, e.g. the signal came after the session ended); nothing escaped
+           fault never landed, e.g. the signal came after the case ended: a signal to pytest
+           sent while the case's QEMU ran must interrupt the session); nothing escaped
            the harness (no Python "Traceback (most recent call last)", INTERNALERROR,
            "Exception ignored", "Task was destroyed", "never retrieved", "never awaited",
            unraisable- or thread-exception warnings anywhere in the output); and the first
@@ -153,6 +154,7 @@ class Trial:
     clean: bool = False
     why_unclear: str = ""
     summary: str = ""  # the line that names the cause
+    mid_case: bool = False  # a signal went out while the case's QEMU was running
     leaks: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -419,6 +421,7 @@ class Runner:
         cal = self.calibrate(case)
         env: dict[str, str] = {}
         action = None
+        mid_case: list[bool] = []
         if fault.hook:
             total = cal.messages.get(fault.hook, 0)
             if total < 2:
@@ -435,7 +438,7 @@ class Runner:
             delay = rng.uniform(0.0, span)
             sig = signal.Signals(fault.signal).name
             detail = f"{sig} to {fault.target} {delay:.2f} s after QEMU appeared"
-            action = _signaller(fault, delay)
+            action = _signaller(fault, delay, mid_case)
         else:
             detail = "artefact directory on a full 256 KiB tmpfs"
         name = f"trial-{index:03d}"
@@ -445,6 +448,7 @@ class Runner:
             name, case, full_fs=fault.full_fs, env_extra=env, action=action, limit=limit
         )
         trial.rc, trial.seconds, trial.leaks = rc, timings["wall"], leaks
+        trial.mid_case = bool(mid_case and mid_case[0])
         judge(trial, fault, output)
         (self.out / f"{name}.json").write_text(json.dumps(asdict(trial), indent=1) + "\n")
         return trial
@@ -466,8 +470,10 @@ def _count(artefacts: Path, pattern: str, regex: str) -> int:
 
 
 def _signaller(
-    fault: Fault, delay: float
+    fault: Fault, delay: float, sent_mid_case: list[bool]
 ) -> Callable[[subprocess.Popen[bytes], float, dict[int, str]], bool]:
+    """Send the fault's signal `delay` s after QEMU appears; `sent_mid_case` gets whether a
+    machine's QEMU was still running at that moment."""
     state: dict[str, float] = {}
 
     def act(proc: subprocess.Popen[bytes], now: float, qemus: dict[int, str]) -> bool:
@@ -482,7 +488,7 @@ def _signaller(
         for pid in targets:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, fault.signal)
-        state["sent"] = 1.0
+        sent_mid_case.append(bool(qemus))
         return True
 
     return act
@@ -496,6 +502,9 @@ def judge(trial: Trial, fault: Fault, output: str) -> None:
     problems = []
     if trial.rc is None:
         problems.append("pytest hung (killed at the time limit)")
+    elif trial.rc == 0 and fault.target == "pytest" and trial.mid_case:
+        trial.landed = True
+        problems.append("interrupt lost: sent while the case ran, and the session passed")
     elif trial.rc == 0:
         pass  # the fault came after the case was over: a plain pass is the right report
     elif fault.signal is not None and fault.target == "pytest":
