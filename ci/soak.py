@@ -43,6 +43,7 @@ class TierRuns:
     def add(self, run_dir: Path, results: dict[str, CaseResult], seconds: float) -> None:
         # pytest records an INTERNALERROR as a pseudo-case: the session died there.
         died = results.pop(INTERNAL, None) is not None
+        results.pop("", None)  # a <testcase> with no name: the item pytest was at when it died
         if died:
             self.errors.append(
                 f"{run_dir.name}: pytest INTERNALERROR after {len(results)} cases "
