@@ -194,6 +194,13 @@ def equivalents(path: Path = EQUIVALENT_FILE) -> dict[tuple[str, str, str, str],
     return found
 
 
+def triaged(triage: dict[tuple[str, str, str, str], Triage], m: Mutant) -> Triage | None:
+    """The triage of a mutant: its own entry, or one for every mutant of its line
+    (mutated = "*": the reason holds whatever the line is changed to)."""
+    where = (m.file, m.function, m.original.strip())
+    return triage.get((*where, m.mutated.strip())) or triage.get((*where, "*"))
+
+
 def write_fresh(source: Path, dest: Path) -> None:
     """Copy `source` over `dest` with a new modification time: ninja rebuilds by mtime, and a
     mutant (or the original) generated before the last build would otherwise look older than
@@ -330,7 +337,7 @@ def report(
     per_function: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     before: Counter[str] = Counter()  # the first run of every mutant a later suite re-ran
     survivors: list[Mutant] = []
-    triaged: list[tuple[Mutant, Triage]] = []
+    set_apart: list[tuple[Mutant, Triage]] = []
     rerun = 0
     for m in mutants:
         if m.key not in results:
@@ -339,9 +346,9 @@ def report(
         first = results[m.key].get("before")
         first_status = str(first["status"]) if isinstance(first, dict) else status
         rerun += first is not None
-        found = triage.get((m.file, m.function, m.original.strip(), m.mutated.strip()))
+        found = triaged(triage, m)
         if found is not None and "survived" in (status, first_status):
-            triaged.append((m, found))
+            set_apart.append((m, found))
         if status == "survived":
             if found is not None:
                 status = found.kind
@@ -377,8 +384,8 @@ def report(
     rows += ["", f"## Survivors ({len(survivors)})\n"]
     for m in survivors:
         rows += [f"`{m.key}`\n", "```diff", m.diff(), "```", ""]
-    rows += ["", f"## Triaged: equivalent or unobservable ({len(triaged)})\n"]
-    for m, found in triaged:
+    rows += ["", f"## Triaged: equivalent or unobservable ({len(set_apart)})\n"]
+    for m, found in set_apart:
         rows += [f"`{m.key}` {found.kind}: {found.reason}\n", "```diff", m.diff(), "```", ""]
     return "\n".join(rows) + "\n"
 
@@ -470,7 +477,7 @@ def rerun_candidates(
         if m.key in results
         and results[m.key]["status"] == "survived"
         and results[m.key].get("suite") != suite
-        and (m.file, m.function, m.original.strip(), m.mutated.strip()) not in triage
+        and triaged(triage, m) is None
     ]
 
 

@@ -231,7 +231,10 @@ def test_campaign_classifies_every_mutant_and_resumes(tmp_path: Path) -> None:
 
 
 def test_report_counts_triaged_survivors_apart_with_their_reason() -> None:
-    mutants = [Mutant(k, "hw/x.c", "f", 1, "a", f"b{k}", "") for k in ("e", "u", "s", "k")]
+    mutants = [
+        Mutant(k, "hw/x.c", "f", 1, "x" if k == "e" else "a", f"b{k}", "")
+        for k in ("e", "u", "s", "k")
+    ]
     results: dict[str, dict[str, object]] = {
         "e": {"status": "survived"},
         "u": {"status": "survived"},
@@ -239,7 +242,7 @@ def test_report_counts_triaged_survivors_apart_with_their_reason() -> None:
         "k": {"status": "killed", "before": {"status": "survived"}},
     }
     triage = {
-        ("hw/x.c", "f", "a", "be"): Triage("equivalent", "same code"),
+        ("hw/x.c", "f", "x", "*"): Triage("equivalent", "same code"),
         ("hw/x.c", "f", "a", "bu"): Triage("unobservable", "no device reaches it"),
     }
     text = report(mutants, results, "meta", triage)
