@@ -497,12 +497,15 @@ def _signaller(
 def judge(trial: Trial, fault: Fault, output: str) -> None:
     """Did the fault land, and was the report one clear line (see the module docstring)?"""
     interrupted = INTERRUPTED.search(output)
+    # The harness's own word that the signal came once every case was over (the polling
+    # may still have seen QEMU just before it exited).
+    late = "while writing the final report" in output
     summaries = [m for m in SUMMARY.finditer(output)]
     trial.landed = trial.rc != 0
     problems = []
     if trial.rc is None:
         problems.append("pytest hung (killed at the time limit)")
-    elif trial.rc == 0 and fault.target == "pytest" and trial.mid_case:
+    elif trial.rc == 0 and fault.target == "pytest" and trial.mid_case and not late:
         trial.landed = True
         problems.append("interrupt lost: sent while the case ran, and the session passed")
     elif trial.rc == 0:
