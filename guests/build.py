@@ -3,6 +3,10 @@
 Run as `python3 -m guests.build` from the top (stdlib only: it runs before the venv exists).
 Prints the guest directory, which holds vmlinuz, initrd, client_key (OpenSSH private key for
 paramiko), host_key.pub (to pin the guest's identity), manifest.json and, written last, the stamp.
+`vmlinuz` is the package's kernel unpacked to its ELF image, which QEMU boots through the
+kernel's PVH entry: the guest never runs the bzImage decompressor, a few seconds under TCG on
+a loaded host (manifest.json's `kernel_boot` says which was written; the package's bzImage is
+kept as `bzImage`).
 
 Packages come from a private, freshly updated bookworm apt on the host's own Debian mirror
 (ci/private_apt.py) through `apt-get download` and are unpacked with `dpkg-deb -x`: no root
@@ -53,15 +57,26 @@ PACKAGES = (
     "libpython3.11-stdlib",
     "libffi8",
     "libexpat1",
+    "lz4",  # build-time only: unpacks the kernel's LZ4 payload for PVH boot
+    "liblz4-1",
 )
 # Modules the guest loads (deps are resolved with busybox depmod from the package's tree).
 MODULES = ("virtio_pci", "virtio_net", "vfio_pci", "vfio_iommu_type1")
-# From libpython3.11-stdlib only what the agent needs; libpython3.11-minimal is taken whole.
+# From libpython3.11-stdlib only what the agent needs. Of both stdlib packages only the modules
+# the agent's import actually loads go into the image (as recorded by the guest's Python at
+# build time, see _agent_modules), plus the codecs Python's start-up may pick.
 STDLIB_EXTRA = ("ctypes", "json")
 DYNLOAD_EXTRA = ("_ctypes", "_json", "mmap")
+STARTUP_MODULES = (
+    "encodings",
+    "encodings.aliases",
+    "encodings.utf_8",
+    "encodings.ascii",
+    "encodings.latin_1",
+)
 GUEST_PROGRAMS = ("usr/sbin/dropbear", "usr/bin/python3.11")
 READY_MARKER = "VIOMMU-GUEST-READY"  # also printed by guests/init; the fixture waits for it
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 class BuildError(Exception):
@@ -292,7 +307,8 @@ def assemble(roots: dict[str, Path], kernel_pkg: str, work: Path, out: Path) -> 
             _copy(kroot / mdir / f, rootfs / mdir / f)
     _run([str(busybox), "depmod", "-b", str(rootfs), release])
     (vmlinuz,) = (kroot / "boot").glob("vmlinuz-*")
-    shutil.copy2(vmlinuz, out / "vmlinuz")
+    shutil.copy2(vmlinuz, out / "bzImage")
+    kernel_boot = pvh_kernel(merged, vmlinuz, work / "kernel", out / "vmlinuz")
 
     # Identity: a host key pinned by the fixture and a client key paramiko loads.
     keys = work / "keys"
@@ -322,10 +338,11 @@ def assemble(roots: dict[str, Path], kernel_pkg: str, work: Path, out: Path) -> 
     env_py = [*pycomp, "-I", "-S", "-m", "compileall", "-q", "-j", "0"]
     _run([*env_py, "--invalidation-mode", "unchecked-hash", str(rootfs / pyroot)])
     _run([*env_py, "--invalidation-mode", "unchecked-hash", str(rootfs / "usr/lib/viommu")])
-    # The agent must import in the guest's Python with only what the image carries.
-    probe = "import sys; sys.path.insert(0, sys.argv[1]); import agent"
-    check = [*pycomp, "-I", "-S", "-c", probe, str(rootfs / "usr/lib/viommu")]
-    _run_env(check, {"PYTHONHOME": str(rootfs / "usr")})
+    # The agent must import in the guest's Python with only what the image carries; what the
+    # import loads is all of the standard library the image keeps.
+    keep = _agent_modules(merged, rootfs)
+    _trim_stdlib(rootfs / pyroot, keep | {(rootfs / pyroot / "os.py").resolve()})  # prefix landmark
+    _agent_modules(merged, rootfs)  # still imports after the trim
 
     # Uncompressed: under TCG the guest kernel spends about half a second inflating a gzip'd
     # image, while copying the plain cpio (~25 MB, read by QEMU from the host page cache)
@@ -333,16 +350,110 @@ def assemble(roots: dict[str, Path], kernel_pkg: str, work: Path, out: Path) -> 
     with open(out / "initrd.tmp", "wb") as raw:
         write_cpio(rootfs, raw)
     os.replace(out / "initrd.tmp", out / "initrd")
-    return {"kernel_release": release, "kernel_package": kernel_pkg}
+    return {"kernel_release": release, "kernel_package": kernel_pkg, "kernel_boot": kernel_boot}
 
 
-def _run_env(argv: list[str], env: dict[str, str]) -> None:
+# Run by the guest's Python with the image's tree as its home: import the agent as the harness
+# does (-I -S), use it once, and list the files of every module loaded.
+_PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import agent
+for m in sys.argv[2].split(","):
+    __import__(m)
+json.loads(json.dumps(agent.Agent().op_hello()))
+files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
+print(json.dumps(sorted(f for f in files if f)))
+"""
+
+
+def _agent_modules(merged: Path, rootfs: Path) -> set[Path]:
+    # The image's own python3.11 binary, so that its prefix (found from the binary's path;
+    # -I ignores PYTHONHOME) is the image's tree, not the unpacked packages'.
+    python = host_exec(merged, "usr/bin/python3.11")
+    python[-1] = str(rootfs / "usr/bin/python3.11")
+    argv = [*python, "-I", "-S", "-c", _PROBE, str(rootfs / "usr/lib/viommu")]
+    argv.append(",".join(STARTUP_MODULES))
+    # The guest's locale: none set (Python then runs in UTF-8 mode).
+    out = _run_env(argv, {"LC_ALL": "C", "LANG": ""})
+    files = {Path(f).resolve() for f in json.loads(out)}
+    stray = [f for f in files if not f.is_relative_to(rootfs.resolve())]
+    if stray:
+        raise BuildError(f"the agent probe loaded modules from outside the image: {stray[0]}")
+    return files
+
+
+def _trim_stdlib(pyroot: Path, keep: set[Path]) -> None:
+    """Delete every stdlib file the agent does not load (sources, their byte-code, extension
+    modules); under TCG each megabyte of initramfs costs unpacking time at every boot."""
+    for dirpath, _dirs, files in os.walk(pyroot):
+        d = Path(dirpath)
+        for name in files:
+            f = d / name
+            src = f
+            if d.name == "__pycache__":  # NAME.cpython-311[.opt-N].pyc -> ../NAME.py
+                src = d.parent / (name.split(".", 1)[0] + ".py")
+            if src.resolve() not in keep:
+                f.unlink()
+    for dirpath, _dirs, _files in sorted(os.walk(pyroot), reverse=True):
+        with contextlib.suppress(OSError):  # not empty
+            Path(dirpath).rmdir()
+
+
+def pvh_kernel(merged: Path, bzimage: Path, work: Path, out: Path) -> str:
+    """Write the kernel QEMU boots: the bzImage's payload unpacked to the kernel's ELF image
+    when that has a PVH entry (QEMU then loads it directly and enters it in 32-bit mode, no
+    decompressor runs in the guest); otherwise the bzImage itself. Returns which."""
+    data = bzimage.read_bytes()
+    if data[0x202:0x206] != b"HdrS":
+        raise BuildError(f"{bzimage.name} is not a bzImage")
+    setup_sects = data[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    payload = data[start : start + payload_length]
+    if payload[:4] != b"\x02\x21\x4c\x18":  # LZ4 legacy frame, as Debian's kernels use
+        shutil.copy2(bzimage, out)
+        return "bzImage (payload not LZ4)"
+    work.mkdir()
+    # The payload ends in the kernel's 4-byte uncompressed size, which lz4 does not expect.
+    (work / "payload.lz4").write_bytes(payload[:-4])
+    unlz4 = host_exec(merged, "usr/bin/lz4", "-d", "-q", "-f")
+    _run([*unlz4, str(work / "payload.lz4"), str(work / "vmlinux")])
+    if not _has_pvh_note((work / "vmlinux").read_bytes()):
+        shutil.copy2(bzimage, out)
+        return "bzImage (no PVH entry note)"
+    os.replace(work / "vmlinux", out)
+    return "pvh"
+
+
+def _has_pvh_note(elf: bytes) -> bool:
+    """Whether the ELF has a Xen note of type XEN_ELFNOTE_PHYS32_ENTRY (18): the PVH entry."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        return False
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        p_type, _f, p_off, _va, _pa, p_filesz = struct.unpack_from(
+            "<IIQQQQ", elf, phoff + i * phentsize
+        )
+        pos, end = p_off, p_off + p_filesz
+        while p_type == 4 and pos + 12 <= end:  # PT_NOTE: namesz, descsz, type, name, desc
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == 18:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def _run_env(argv: list[str], env: dict[str, str]) -> str:
     p = subprocess.run(
         argv, capture_output=True, text=True, timeout=120, check=False, env={**os.environ, **env}
     )
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise BuildError(f"the agent does not import in the guest's Python: {last}")
+    return p.stdout
 
 
 def _pubkey_line(dropbearkey_y: str) -> str:
