@@ -67,6 +67,7 @@ def test_gitlab_shards_are_one_count_and_every_shard_is_merged() -> None:
         assert any("$VIOMMU_SHARD_ARGS" in str(line) for line in ci[name]["script"]), name
     args = ci["variables"]["VIOMMU_SHARD_ARGS"]
     assert "--splits=$CI_NODE_TOTAL --group=$CI_NODE_INDEX" in args
+    assert "--splitting-algorithm=least_duration" in args
     assert "--durations-path=ci/test-durations.json" in args
     verdict = ci["viommu-gate-verdict"]
     assert verdict["needs"][0]["job"] == "viommu-gate"
@@ -85,7 +86,9 @@ def test_github_shards_are_one_count_and_every_shard_is_merged() -> None:
         assert job["strategy"]["fail-fast"] is False, name
         run = "\n".join(str(step.get("run", "")) for step in job["steps"])
         assert '--splits="$VIOMMU_SHARDS" --group=${{ matrix.shard }}' in run, name
-        assert "--durations-path=ci/test-durations.json" in run, name
+        assert "$VIOMMU_SPLIT_ARGS" in run, name
+    assert "--splitting-algorithm=least_duration" in flow["env"]["VIOMMU_SPLIT_ARGS"]
+    assert "--durations-path=ci/test-durations.json" in flow["env"]["VIOMMU_SPLIT_ARGS"]
     verdict = flow["jobs"]["gate-verdict"]
     assert verdict["needs"] == "gate"
     assert verdict["if"].startswith("always()")
