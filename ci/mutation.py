@@ -508,8 +508,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--rerun-survivors",
         action="store_true",
-        help="run the sample's untriaged survivors again with the suite as it is now (the "
-        "first result is kept: the report gives the score before and after)",
+        help="only run the sample's untriaged survivors again, with the suite as it is now "
+        "(the first result is kept: the report gives the score before and after)",
     )
     options = parser.parse_args(argv)
     tree = options.qemu_src.resolve()
@@ -539,7 +539,8 @@ def main(argv: list[str]) -> int:
                 "generated": len(mutants), "seed": options.seed, "baseline_s": round(base_s, 1),
                 "mutant_list": [asdict(m) for m in sample]}  # fmt: skip
         for n, mutant in enumerate(sample, 1):
-            if mutant.key in campaign.results:
+            # A re-run takes only survivors: mutants not run yet are a plain run's to do.
+            if mutant.key in campaign.results or options.rerun_survivors:
                 continue
             outcome = campaign.run(mutant)
             campaign.results[mutant.key] = asdict(outcome)
