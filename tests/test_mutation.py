@@ -146,9 +146,14 @@ import subprocess, time
 def test_replay_guard(pytestconfig):
     text = subprocess.run([pytestconfig.getoption("qemu")], capture_output=True, text=True).stdout
     if "x < 0" in text:
-        time.sleep(60)  # a mutant that makes the suite hang
+        time.sleep(600)  # a mutant that makes the suite hang
     assert "if (x > 0) {" in text
 """
+
+
+# The per-mutant limit: far above a fake run (a second or two idle, several seconds on a loaded
+# machine with parallel workers), far below the hanging mutant's sleep.
+FAKE_TIMEOUT_S = 45
 
 
 def fake_campaign(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
@@ -163,7 +168,8 @@ def fake_campaign(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     (suite / "test_fake.py").write_text(FAKE_CASE)
     argv = [
         "--qemu-src", str(tree), "--functions", "vtd_iommu_replay", "--output",
-        str(tmp_path / "out"), "--timeout", "5", "--suite", str(suite), "--", str(suite),
+        str(tmp_path / "out"), "--timeout", str(FAKE_TIMEOUT_S), "--suite", str(suite), "--",
+        str(suite),
     ]  # fmt: skip
     env = dict(fake_toolchain(tmp_path, FAKE_NINJA), PYTHONPATH=str(ROOT))
     return argv, env
