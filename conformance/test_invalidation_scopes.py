@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from fixtures.oracle.dma_event import DmaOp
+from fixtures.qemu.pci_config import Bdf
 from fixtures.rig.vtd_rig import (
     D0,
     DATA_BASE,
@@ -450,6 +451,28 @@ async def test_context_device_selective_moves_device_between_domains(vtd_rig: Ri
     rig.driver.attach(D0, rig.driver.domain(2))
     async with rig.step("d0 -> domain 2, context-cache device"):
         await rig.driver.flush_context(D0, 2)
+
+
+@pytest.mark.parametrize(
+    ("function_mask", "named_function"),
+    [pytest.param(1, 4, id="fm1"), pytest.param(2, 6, id="fm2"), pytest.param(3, 7, id="fm3")],
+)
+async def test_context_device_selective_function_mask_covers_the_masked_functions(
+    vtd_rig: RigFactory, function_mask: int, named_function: int
+) -> None:
+    """VT-d 6.5.2.1: a device-selective context-cache invalidation ignores the low 1, 2 or 3
+    function bits of its source-id (FM 1, 2, 3). Naming function 4, 6 or 7 of d0's slot
+    covers d0 (function 0): its move to domain 2 takes effect, as its tables say; d1, in the
+    next slot, is not named and stays as it is."""
+    rig = await vtd_rig(devices=("d0", "d1"))
+    await rig.translate({"d0": 1, "d1": 2})
+    await rig.populate(1, base=domain_base(1))
+    await rig.populate(2, base=domain_base(2))
+    rig.driver.attach(D0, rig.driver.domain(2))
+    named = Bdf(D0.bus, D0.dev, named_function)
+    async with rig.step(f"d0 -> domain 2, context-cache device {named} FM={function_mask}"):
+        await rig.driver.cc_device(named, 1, function_mask=function_mask)
+        await rig.driver.iotlb_domain(1)
 
 
 async def test_non_present_context_during_sync(vtd_rig: RigFactory) -> None:
