@@ -7,7 +7,8 @@ The agent keeps its state (container, group and device fds, buffers) for the who
 one session is one guest process with one type1 container set-up, as a real VFIO user has.
 
 Runs under the guest's python3.11 with only the stdlib bits the image carries (ctypes, mmap,
-json, fcntl): keep imports to those. Addresses and sizes are plain integers.
+json, fcntl): keep imports to those (guests/build.py keeps only what this module's import
+loads). Addresses and sizes are plain integers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import json
 import mmap
 import os
 import struct
@@ -26,6 +26,7 @@ import time
 # annotations are never evaluated (from __future__ import annotations), so only mypy needs it.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 # VFIO ioctls: _IO(';', 100 + n) (include/uapi/linux/vfio.h).
@@ -56,6 +57,57 @@ PAGEMAP_PRESENT = 1 << 63
 PAGEMAP_PFN = (1 << 55) - 1
 RB_AUTOBOOT = 0x01234567
 RB_POWER_OFF = 0x4321FEDC
+
+
+def _json_codec() -> tuple[Callable[[Any], str], Callable[[str], Any]]:
+    """(dumps, loads) on the C accelerator `_json` alone: the `json` package imports `re` (and
+    with it enum, functools, collections), about half of this module's start-up under TCG.
+    Output equals json.dumps' defaults; any other Python gets the json package itself."""
+    try:
+        import _json
+
+        class Context:  # the attributes the C scanner reads (json.decoder.JSONDecoder's)
+            strict = True
+            object_hook = None
+            object_pairs_hook = None
+            parse_float = float
+            parse_int = int
+
+            @staticmethod
+            def parse_constant(name: str) -> Any:
+                raise ValueError(f"{name} is not valid JSON here")
+
+        def no_default(obj: Any) -> Any:
+            raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+        scan = _json.make_scanner(Context())  # type: ignore[arg-type]  # typeshed: a JSONDecoder
+        encode = _json.make_encoder(
+            None, no_default, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
+        )
+    except (ImportError, AttributeError, TypeError):
+        import json
+
+        return json.dumps, json.loads
+
+    def dumps(obj: Any) -> str:
+        return "".join(encode(obj, 0))
+
+    def loads(text: str) -> Any:
+        # Errors inside a value raise json.JSONDecodeError (a ValueError; the C scanner imports
+        # json.decoder for it, which the image keeps for that).
+        s = text.strip(" \t\r\n")
+        try:
+            obj, end = scan(s, 0)
+        except StopIteration as e:
+            raise ValueError(f"expecting a JSON value at {e.value}") from None
+        if end != len(s):
+            raise ValueError(f"extra data at {end}")
+        return obj
+
+    return dumps, loads
+
+
+json_dumps, json_loads = _json_codec()
 
 
 class AgentError(Exception):
@@ -464,13 +516,13 @@ def _reserve_hugepages(extra: int) -> None:
 
 def serve(inp: Any, out: Any) -> None:
     agent = Agent()
-    out.write(json.dumps({"id": None, "ok": True, "result": agent.op_hello()}) + "\n")
+    out.write(json_dumps({"id": None, "ok": True, "result": agent.op_hello()}) + "\n")
     out.flush()
     for line in inp:
         if not line.strip():
             continue
         try:
-            req = json.loads(line)
+            req = json_loads(line)
             if not isinstance(req, dict):
                 raise ValueError("request is not an object")
         except ValueError as e:
@@ -478,7 +530,7 @@ def serve(inp: Any, out: Any) -> None:
             reply["errno"] = 0
         else:
             reply = agent.handle(req)
-        out.write(json.dumps(reply) + "\n")
+        out.write(json_dumps(reply) + "\n")
         out.flush()
         if agent.after_reply:
             os.sync()

@@ -73,6 +73,7 @@ STARTUP_MODULES = (
     "encodings.utf_8",
     "encodings.ascii",
     "encodings.latin_1",
+    "json",
 )
 GUEST_PROGRAMS = ("usr/sbin/dropbear", "usr/bin/python3.11")
 READY_MARKER = "VIOMMU-GUEST-READY"  # also printed by guests/init; the fixture waits for it
@@ -354,16 +355,17 @@ def assemble(roots: dict[str, Path], kernel_pkg: str, work: Path, out: Path) -> 
 
 
 # Run by the guest's Python with the image's tree as its home: import the agent as the harness
-# does (-I -S), use it once, and list the files of every module loaded.
+# does (-I -S), use it once, and list the files of every module loaded. The json package is kept
+# too: the agent's C-level JSON decoder imports json.decoder to raise a decoding error.
 _PROBE = """
-import json, sys
+import sys
 sys.path.insert(0, sys.argv[1])
 import agent
 for m in sys.argv[2].split(","):
     __import__(m)
-json.loads(json.dumps(agent.Agent().op_hello()))
+agent.json_loads(agent.json_dumps(agent.Agent().op_hello()))
 files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
-print(json.dumps(sorted(f for f in files if f)))
+print(agent.json_dumps(sorted(f for f in files if f)))
 """
 
 
