@@ -329,13 +329,18 @@ class Runner:
                     if acting and action is not None:
                         acting = not action(proc, now, qemus)
                     time.sleep(0.005)
-            finally:
-                if proc.poll() is None:
+            except BaseException:  # the campaign itself interrupted: nothing of it stays
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    rc = None
-                else:
-                    rc = proc.returncode
+                proc.wait()
+                world.destroy()
+                raise
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rc = None
+            else:
+                rc = proc.returncode
         timings["wall"] = time.monotonic() - t0
         output = log_path.read_text(errors="replace")
         leaks = self.leaks(token, world, rc if not keep else None)
