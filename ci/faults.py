@@ -54,6 +54,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -185,6 +186,8 @@ class World:
         for d in (self.tmp, self.artefacts, self.shm):
             d.mkdir(parents=True, mode=0o700)
         (self.tmp).chmod(0o1777)
+        for name in kept_in_tmp():
+            (self.tmp / name).mkdir()  # the mount point of the real one, inside the namespace
         if self.full_fs:
             # A small tmpfs, then filled: every write in the artefact directory gets ENOSPC.
             _run(
@@ -205,12 +208,34 @@ class World:
         shutil.rmtree(self.shm, ignore_errors=True)
 
     def command(self, pytest_cmd: list[str]) -> list[str]:
-        """pytest in a mount namespace where /tmp and /dev/shm are this world's own."""
-        script = 'mount --bind "$1" /tmp && mount --bind "$2" /dev/shm && shift 2 && exec "$@"'
+        """pytest in a mount namespace where /tmp and /dev/shm are this world's own (what the
+        run itself lives in under /tmp, kept_in_tmp(), is bound into it first)."""
+        keep = "".join(
+            f"mount --bind /tmp/{shlex.quote(n)} {shlex.quote(str(self.tmp / n))} && "
+            for n in kept_in_tmp()
+        )
+        script = (
+            keep + 'mount --rbind "$1" /tmp && mount --bind "$2" /dev/shm && shift 2 && exec "$@"'
+        )
         return [
             "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
             str(self.tmp), str(self.shm), *pytest_cmd,
         ]  # fmt: skip
+
+
+def kept_in_tmp() -> list[str]:
+    """The entries of /tmp the trial's own run needs (the suite, its venv, QEMU, the guest
+    image, the cache, when any lives under /tmp, as in a clone made there): a trial's private
+    /tmp still shows them, and they are not its leftovers."""
+    wanted = [ROOT, Path(sys.prefix)]
+    wanted += [Path(v) for k in ("VIOMMU_CACHE", "VIOMMU_QEMU", "VIOMMU_GUEST_DIR")
+               if (v := os.environ.get(k))]  # fmt: skip
+    names = set()
+    for path in wanted:
+        parts = path.resolve().parts
+        if len(parts) > 2 and parts[:2] == ("/", "tmp"):
+            names.add(parts[2])
+    return sorted(names)
 
 
 def _run(cmd: list[str]) -> None:
@@ -360,8 +385,11 @@ class Runner:
             leaks["processes"].append(f"{comm} (pid {pid})")
             leaks["sockets"] += socket_fds(pid)
             with_kill(pid)
+        kept = {world.tmp / name for name in kept_in_tmp()}
         for base in (world.tmp, world.shm):
             for path in sorted(base.rglob("*")):
+                if path in kept:
+                    continue
                 rel = f"{'/tmp' if base == world.tmp else '/dev/shm'}/{path.relative_to(base)}"
                 if path.is_socket():
                     leaks["sockets"].append(rel)
