@@ -36,6 +36,7 @@ from fixtures.vfio_user.dma_engine import DmaDirection, DmaPath, DmaStatus
 from fixtures.vfio_user.errors import VfioUserDisconnected
 from fixtures.vfio_user.server import VfioUserServer
 from fixtures.vfio_user.wire import MAX_DATA_XFER, Command, DmaAccess
+from fixtures.vtd.invalidation import IotlbGranularity, iotlb
 from fixtures.vtd.page_tables import PAGE_4K
 from fixtures.vtd.registers import (
     CAP,
@@ -475,6 +476,31 @@ async def test_dma_after_unmap_and_invalidation_is_refused(
     assert await dma_read(host, page, 64) == errno.ENODEV
     ram.assert_unchanged()
     assert_fault(await fault_record(machine), reason=FR_WRITE, bdf=D0, page=page, read=False)
+
+
+@pytest.mark.parametrize("scalable", MODES)
+async def test_one_masked_psi_ends_every_cached_translation_it_covers(
+    vtd_rig: RigFactory, scalable: bool, caps: Capabilities
+) -> None:
+    """Four pages written (so QEMU's IOTLB holds each translation), cleared, and flushed by
+    ONE page-selective invalidation with address mask 2 (VT-d 6.5.2.3: 2^2 pages from an
+    aligned address): each of the four must be refused afterwards, not only the first."""
+    rig = await translated_rig(vtd_rig, scalable)
+    host, machine = rig.devices["d0"].host, rig.machine
+    pages = [RW + i * PAGE_4K for i in range(4)]
+    for page in pages:
+        assert await engine_write(host, page, 64) == 0
+    assert machine.ram.read(DATA_BASE + 3 * PAGE_4K, 64) == landed(caps, PATTERN[:64])
+    async with rig.change_step("unmap 4 pages, one PSI am=2", [(RW, 4 * PAGE_4K)], "d0",
+                               remapped=False):  # fmt: skip
+        rig.driver.domain(1).tables.unmap(RW, 4 * PAGE_4K)
+        await rig.driver.submit(iotlb(IotlbGranularity.PAGE, domain=1, addr=RW, am=2))
+    ram = RamSnapshot(machine)
+    refused = {page: await dma_write(host, page, b"stale!" * 10) for page in reversed(pages)}
+    assert refused == dict.fromkeys(reversed(pages), errno.ENODEV), {
+        f"{p:#x}": errno.errorcode.get(e, e) for p, e in refused.items()
+    }
+    ram.assert_unchanged()
 
 
 @pytest.mark.xfail(
