@@ -46,6 +46,17 @@ async def test_reset_qemu_checks_out_and_runs_a_case_again(
     await again.populate(1)
 
 
+async def fell_back_on_reuse(pool: RigPool, rig: VtdRig) -> str:
+    """Give `rig` back as reusable and take the next one: it must be a fresh QEMU, not the
+    reset one. Returns the pool's account of why."""
+    await pool.release(rig, reusable=True)
+    again = await pool.acquire(devices=2, ports=1)
+    why = pool.origin(again)
+    assert pool.fell_back(again), why
+    assert again.machine is not rig.machine, why
+    return why
+
+
 async def test_snapshot_names_a_leftover_mapping_and_device(vtd_rig_pool: RigPool) -> None:
     """What the reset check compares: a QEMU with a mapping and a device more than at its
     fresh start differs in its hosts' mappings, its devices and its PCI topology."""
@@ -80,11 +91,7 @@ async def test_reset_leaving_a_device_falls_back_to_a_fresh_qemu(
 
     monkeypatch.setattr(reset, "drain", drain_but_keep_hotplugged)
     rig = await used_rig(vtd_rig_pool)
-    await vtd_rig_pool.release(rig, reusable=True)
-    again = await vtd_rig_pool.acquire(devices=2, ports=1)
-    why = vtd_rig_pool.origin(again)
-    assert vtd_rig_pool.fell_back(again), why
-    assert again.machine is not rig.machine, why
+    why = await fell_back_on_reuse(vtd_rig_pool, rig)
     assert "/machine/peripheral/h0" in why, why
     assert "PCI topology" in why, why
     assert not rig.machine.running  # the QEMU that did not reset cleanly is gone
@@ -101,11 +108,7 @@ async def test_reset_leaving_a_mapping_falls_back_to_a_fresh_qemu(
 
     monkeypatch.setattr(reset, "drain", no_drain)
     rig = await used_rig(vtd_rig_pool)
-    await vtd_rig_pool.release(rig, reusable=True)
-    again = await vtd_rig_pool.acquire(devices=2, ports=1)
-    why = vtd_rig_pool.origin(again)
-    assert vtd_rig_pool.fell_back(again), why
-    assert again.machine is not rig.machine, why
+    why = await fell_back_on_reuse(vtd_rig_pool, rig)
     assert "holds mappings" in why, why
     # The reused hosts' records were left alone: the old rig still judges its whole stream.
     assert all(dev.host.table.events for dev in rig.devices.values() if dev.port is None)
