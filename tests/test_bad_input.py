@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,28 @@ QMP_ERROR = """
 def test_qmp_error_is_typed_with_qemus_text(tmp_path: Path, qemu_binary: str) -> None:
     code, out = run_pytest(write_case(tmp_path, QMP_ERROR), "--qemu", qemu_binary)
     assert code == 0, out
+
+
+QEMU_DIES = """
+    import os
+    import signal
+    from fixtures.qemu.spec import MachineSpec
+
+    async def test_case(launch):
+        m = await launch(MachineSpec(accel="qtest"))
+        os.kill(m.pid, signal.SIGKILL)
+        await m.qtest.readl(0xFED90000)
+"""
+
+
+def test_qtest_connection_lost_names_how_qemu_exited(tmp_path: Path, qemu_binary: str) -> None:
+    code, out = run_pytest(write_case(tmp_path, QEMU_DIES), "--qemu", qemu_binary)
+    assert code == 1, out
+    # EOF or a reset, whichever the dying QEMU gives: either names the signal in its line.
+    assert re.search(
+        r"QTestError: qtest: (QEMU closed the connection|connection lost) on 'readl 0xfed90000'"
+        r".* \(QEMU exited: killed by SIGKILL\)$",
+        out,
+        re.M,
+    ), out
+    assert "Traceback" not in out
