@@ -1,6 +1,10 @@
 """In-guest agent: guest userspace VFIO driven by the harness over one SSH channel.
 
-Protocol: one JSON object per line on stdin, one reply per line on stdout, in order.
+Protocol: one JSON object per line, one reply per line, in order. guests/init pre-starts the
+agent at boot (`listen`): it listens on 127.0.0.1:AGENT_PORT inside the guest only, prints the
+ready marker on the console, and forks one child per connection (the harness reaches it through
+the SSH session's direct-tcpip channel), so a session pays neither python3's start nor its
+imports. `main` serves stdin/stdout instead.
 Request `{"id": N, "op": NAME, ...args}`; reply `{"id": N, "ok": true, "result": ...}` or
 `{"id": N, "ok": false, "error": TEXT, "errno": E}` (errno 0 when not an OSError).
 The agent keeps its state (container, group and device fds, buffers) for the whole session, so
@@ -13,6 +17,7 @@ loads). Addresses and sizes are plain integers.
 
 from __future__ import annotations
 
+import _socket
 import ctypes
 import errno
 import fcntl
@@ -57,6 +62,8 @@ PAGEMAP_PRESENT = 1 << 63
 PAGEMAP_PFN = (1 << 55) - 1
 RB_AUTOBOOT = 0x01234567
 RB_POWER_OFF = 0x4321FEDC
+AGENT_PORT = 7007  # on the guest's loopback only: SSH (host key pinned, client key) is the way in
+READY_MARKER = "VIOMMU-GUEST-READY"  # the harness waits for it on the serial console
 
 
 def _json_codec() -> tuple[Callable[[Any], str], Callable[[str], Any]]:
@@ -542,6 +549,50 @@ def serve(inp: Any, out: Any) -> None:
 
 def main() -> None:
     serve(sys.stdin, sys.stdout)
+
+
+def _read_first_line(path: str) -> str:
+    with open(path) as f:
+        return f.readline().strip()
+
+
+def listen(port: int = AGENT_PORT) -> None:
+    """The pre-started agent: bind, print the ready marker, then one forked child per
+    connection. The child serves that connection with a fresh Agent and exits at its end, so
+    one session is still one guest process whose exit releases every VFIO object it held."""
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(16)
+    uptime = _read_first_line("/proc/uptime").split()[0]
+    cmdline = _read_first_line("/proc/cmdline")
+    print(f"{READY_MARKER} uptime={uptime} kernel={os.uname().release} cmdline={cmdline}")
+    sys.stdout.flush()
+    while True:
+        fd, _addr = sock._accept()  # type: ignore[attr-defined]  # the C socket's own accept
+        while True:  # reap the children of sessions that ended (their fds are closed already)
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if os.fork() == 0:
+            status = 1
+            try:
+                sock.close()
+                with (
+                    open(fd, encoding="utf-8", newline="\n", closefd=False) as inp,
+                    open(fd, "w", encoding="utf-8", newline="\n", closefd=False) as out,
+                ):
+                    serve(inp, out)
+                status = 0
+            except ConnectionError:  # the harness or its SSH connection went away mid-reply
+                status = 0
+            except BaseException:  # the traceback goes to the console (the serial log)
+                sys.excepthook(*sys.exc_info())
+            finally:
+                os._exit(status)
+        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,14 @@ from __future__ import annotations
 import errno
 import io
 import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
-from guests.agent import Agent, serve
+from guests.agent import READY_MARKER, Agent, serve
 
 
 def _session(*lines: str) -> list[dict[str, Any]]:
@@ -54,3 +59,69 @@ def test_buffers_read_write_and_report_page_frames() -> None:
     bad = agent.handle({"id": 4, "op": "alloc", "name": "c", "size": 100})
     assert not bad["ok"]
     assert "multiple of 4 KiB" in bad["error"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _hello(port: int) -> tuple[socket.socket, Any, dict[str, Any]]:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = conn.makefile("rwb")
+    return conn, f, json.loads(f.readline())
+
+
+def test_pre_started_agent_forks_a_fresh_agent_per_connection() -> None:
+    """guests/init's agent (listen): the ready marker once it listens, then each connection
+    its own process and state, which ends with the connection."""
+    port = _free_port()
+    code = f"import agent; agent.listen({port})"
+    here = Path(__file__).resolve().parent.parent / "guests"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(here)!r}); {code}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(READY_MARKER + " uptime=")
+        a, fa, hello_a = _hello(port)
+        b, fb, hello_b = _hello(port)
+        assert hello_a["result"]["pid"] != hello_b["result"]["pid"] != proc.pid
+        fa.write(b'{"id": 1, "op": "alloc", "name": "x", "size": 4096}\n')
+        fa.flush()
+        assert json.loads(fa.readline())["ok"]
+        fb.write(b'{"id": 1, "op": "free", "name": "x"}\n')  # a's buffer is not b's
+        fb.flush()
+        assert not json.loads(fb.readline())["ok"]
+        for conn, f in ((a, fa), (b, fb)):
+            f.close()
+            conn.close()
+        deadline = time.monotonic() + 10
+        while any(_alive(r["result"]["pid"]) for r in (hello_a, hello_b)):
+            assert time.monotonic() < deadline, "a session's process outlived its connection"
+            c, fc, _hello_c = _hello(port)  # the listener reaps ended sessions at each accept
+            fc.close()
+            c.close()
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
