@@ -14,19 +14,21 @@ import asyncio
 import errno
 import json
 import os
+import re
 from typing import Any, cast
 
 import pytest
 
-from fixtures.qemu.errors import QMPCommandError
+from fixtures.qemu.errors import QEMUExitedError, QMPCommandError, QTestError
 from fixtures.qemu.pci_config import Bdf, PciConfig
 from fixtures.qemu.pcie_hotplug import power_on_slot
 from fixtures.qemu.qtest_machine import QTestMachine
-from fixtures.qemu.spec import MachineSpec
+from fixtures.qemu.spec import DEFAULT_TRACE, MachineSpec
 from fixtures.vfio_user import hostile
 from fixtures.vfio_user.pci import BAR0_REGION, CONFIG_REGION
 from fixtures.vfio_user.server import VfioUserServer
-from fixtures.vfio_user.wire import MAX_DATA_XFER, Command, DmaAccess
+from fixtures.vfio_user.wire import HEADER_SIZE, MAX_DATA_XFER, Command, DmaAccess
+from fixtures.vtd.driver import VtdDriver
 
 pytestmark = [
     pytest.mark.qtest,
@@ -50,11 +52,12 @@ ABORTS_IN_REALIZE_ERROR_PATH = pytest.mark.qemu_bug(
 )
 
 
-async def hostile_machine(launch: Any) -> QTestMachine:
+async def hostile_machine(launch: Any, *, trace: list[str] | None = None) -> QTestMachine:
     spec = MachineSpec(
         accel="qtest",
         memory_mib=RAM_MIB,
         iommu=None,
+        trace=list(DEFAULT_TRACE if trace is None else trace),
         devices=[
             {
                 "driver": "pcie-root-port",
@@ -397,3 +400,114 @@ async def test_requests_carrying_fds_are_refused_and_the_fds_closed(
     header, _ = await session.request(Command.DMA_READ, read, timeout=10)
     assert not header.is_error, header.describe()
     assert machine.running
+
+
+# --- a server dying in the middle of a reply -------------------------------------------------
+
+CUT_KEEP = HEADER_SIZE + 2  # the reply's header and two bytes of its body leave, then nothing
+CUT_MSG_TIMEOUT_MS = 3000  # x-msg-timeout: QEMU waits this long for the rest
+
+
+async def die_after_part_is_read(machine: QTestMachine, host: VfioUserServer, cut: Any) -> None:
+    """Once QEMU has read the cut reply's part (its trace says so: the read that came back
+    short, EAGAIN next), the server's socket closes, as a crashed server's does. QEMU must see
+    the part and the EOF in two reads: seen in one, it fails the request cleanly."""
+    short_read = re.compile(
+        rf"vfio_user_recv_read +id 0x[0-9a-f]+ read {CUT_KEEP - HEADER_SIZE:#x}$", re.M
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CUT_MSG_TIMEOUT_MS / 1000
+    while loop.time() < deadline:  # polled: the trace is a file QEMU appends to
+        if cut.hits and short_read.search(machine.trace_path.read_text(errors="replace")):
+            break
+        await asyncio.sleep(0.01)
+    await host.disconnect("host died in the middle of a reply")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=QTestError,
+    reason=(
+        "QEMU bug (finding 24): a server that dies in the middle of its reply to the last "
+        "DMA_UNMAP of DMAR enable kills QEMU with SIGSEGV (NULL write) in "
+        "vfio_user_wait_reqs (hw/vfio-user/proxy.c). vfio_user_recv_one takes the reply's "
+        "request off the pending list on its header, the short body leaves it in part_recv, "
+        "and the EOF read by vfio_user_complete goes to 'fatal' without completing it "
+        "('server closed socket'); after x-msg-timeout the waiter QTAILQ_REMOVEs it from the "
+        "pending list again (tql_prev already NULL) before it prints 'vfio_wait_reqs - timed "
+        "out'. 10/10 on 11.1.3; the kernel logs 'segfault at 0 ... error 6' at "
+        "vfio_user_wait_reqs+0x17f. vfio_user_send_wait has the same removal: a realize-time "
+        "reply cut the same way segfaults at vfio_user_send_wait+0x1a9"
+    ),
+)
+async def test_server_dying_mid_reply_to_dmar_enable_unmaps(
+    launch: Any, vfio_user_host: Any
+) -> None:
+    """DMAR on switches the device's address space: vfio unmaps every RAM section it mapped
+    (DMA_UNMAPs sent without waiting, vfio_user_dma_unmap 'async_ops 1') and waits for the
+    last at the listener's commit. The server answers all but that one, sends the start of
+    its reply and dies. QEMU must report the lost unmap and run on: the GCMD write completes,
+    QMP answers, and the device's connection is gone."""
+    host = await vfio_user_host("cut0")
+    device = Bdf(0, 3)
+    props = {"x-msg-timeout": CUT_MSG_TIMEOUT_MS}
+    spec = MachineSpec(
+        accel="qtest",
+        memory_mib=RAM_MIB,
+        devices=[host.device_json(bus="pcie.0", addr=hex(device.dev), **props)],
+        trace=[*DEFAULT_TRACE, "vfio_user_recv_*"],
+    )
+    machine = await launch(spec)
+    assert isinstance(machine, QTestMachine)
+    await host.wait_connected(timeout=5.0)
+    await PciConfig(machine.qtest).enable_bus_master(device)
+    driver = VtdDriver(machine.qtest, machine.ram)
+    await driver.init()
+    sections = len(host.table)  # each is unmapped when DMAR goes on
+    assert sections > 1, f"vfio mapped {sections} RAM sections: nothing to be in flight"
+    cut = hostile.cut_reply(Command.DMA_UNMAP, nth=sections, keep=CUT_KEEP)
+    host.misbehaviour = cut
+    machine.exit_expected = True  # a crash fails the case itself (the strict xfail's pin)
+    dying = asyncio.ensure_future(die_after_part_is_read(machine, host, cut))
+    try:
+        await driver.enable_translation()
+        await dying
+    finally:
+        dying.cancel()
+    assert cut.hits == 1, f"{cut.seen} DMA_UNMAPs, not the {sections} sections"
+    assert machine.running, f"QEMU died: {machine.stderr_tail()}"
+    assert (await machine.qmp("query-status"))["status"] == "running"
+    await host.wait_disconnected(timeout=5.0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=QEMUExitedError,
+    reason=(
+        "QEMU bug (finding 24): a server that dies in the middle of a realize-time reply "
+        "(DEVICE_GET_INFO: the header and 2 bytes, then EOF) kills QEMU with SIGSEGV (NULL "
+        "write) at device_add, in vfio_user_send_wait (hw/vfio-user/proxy.c): the same "
+        "request taken off the pending list twice as in vfio_user_wait_reqs, after "
+        "x-msg-timeout ('server closed socket'; the kernel logs 'segfault at 0 ... error 6' "
+        "at vfio_user_send_wait+0x1a9). 10/10 on 11.1.3"
+    ),
+)
+async def test_server_dying_mid_reply_at_realize(launch: Any, vfio_user_host: Any) -> None:
+    """The reply QEMU's realize waits for (vfio_user_send_wait) starts, then the server dies:
+    device_add must fail with the closed socket, and QEMU run on."""
+    machine = await hostile_machine(launch, trace=["vfio_user_recv_*"])
+    host = await vfio_user_host("cut1")
+    cut = hostile.cut_reply(Command.DEVICE_GET_INFO, nth=1, keep=CUT_KEEP)
+    host.misbehaviour = cut
+    machine.exit_expected = True  # a crash fails the case itself (the strict xfail's pin)
+    props = {"x-msg-timeout": CUT_MSG_TIMEOUT_MS}
+    dying = asyncio.ensure_future(die_after_part_is_read(machine, host, cut))
+    try:
+        with pytest.raises(QMPCommandError, match=r"server closed socket|EOF|timed out"):
+            await machine.qmp("device_add", **host.device_json(bus="rp0", **props))
+        await dying
+    finally:
+        dying.cancel()
+    assert cut.hits == 1
+    assert machine.running, f"QEMU died: {machine.stderr_tail()}"
+    assert "cut1" not in await pci_ids(machine)
