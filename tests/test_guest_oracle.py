@@ -30,6 +30,20 @@ def test_intent_refuses_a_double_map_and_forgets_unmapped_pages() -> None:
     assert intent.page_map() == from_intent([MapIntent(0x10_1000, 0x6000, 0x1000)])
 
 
+def test_intent_unmap_of_a_huge_range_forgets_exactly_the_covered_pages() -> None:
+    intent = Intent()
+    intent.buffer("b", [0x5000, 0x6000, 0x7000])
+    intent.map("b", 0x10_0000, offset=0, size=0x1000, read=True, write=True)
+    intent.map("b", 0x7FFF_F000, offset=0x1000, size=0x2000, read=True, write=True)
+    intent.unmap(0x7FFF_F000, 1 << 40)  # more pages than held: the held ones are walked
+    assert intent.page_map() == from_intent([MapIntent(0x10_0000, 0x5000, 0x1000)])
+    intent.map("b", 0x20_0000, offset=0x1000, size=0x1000, read=True, write=True)
+    intent.unmap(0x1F_F800, 1 << 40)  # off the page lattice of the range: nothing matches
+    assert 0x20_0000 in intent.pages
+    intent.unmap(0, 1 << 40)
+    assert intent.page_map() == from_intent([])
+
+
 def test_mismatch_is_silent_when_equal_and_names_the_differing_pages() -> None:
     expected = PageMap([Run(0x1000, 0x3000, 0x8000, True, True)])
     assert mismatch(expected, expected, "host vs intent") is None
