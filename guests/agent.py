@@ -100,13 +100,19 @@ def _json_codec() -> tuple[Callable[[Any], str], Callable[[str], Any]]:
         return "".join(encode(obj, 0))
 
     def loads(text: str) -> Any:
-        # Errors inside a value raise json.JSONDecodeError (a ValueError; the C scanner imports
-        # json.decoder for it, which the image keeps for that).
         s = text.strip(" \t\r\n")
         try:
             obj, end = scan(s, 0)
         except StopIteration as e:
             raise ValueError(f"expecting a JSON value at {e.value}") from None
+        except SystemError:
+            # An error inside a value (an unterminated string, a missing comma): the C scanner
+            # raises json.JSONDecodeError (a ValueError) only when json.decoder is already in
+            # sys.modules, else returns NULL with no exception set. Import it (the image keeps
+            # it for this) on this error path only, and scan again for the real message.
+            import json.decoder  # noqa: F401
+
+            obj, end = scan(s, 0)
         if end != len(s):
             raise ValueError(f"extra data at {end}")
         return obj

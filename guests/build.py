@@ -358,7 +358,8 @@ def assemble(roots: dict[str, Path], kernel_pkg: str, work: Path, out: Path) -> 
 
 # Run by the guest's Python with the image's tree as its home: import the agent as the harness
 # does (-I -S), use it once, and list the files of every module loaded. The json package is kept
-# too: the agent's C-level JSON decoder imports json.decoder to raise a decoding error.
+# too: the agent imports json.decoder when the C scanner meets a decoding error, which the probe
+# makes it meet (the request's error message must name the error, not crash the session).
 _PROBE = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -366,6 +367,12 @@ import agent
 for m in sys.argv[2].split(","):
     __import__(m)
 agent.json_loads(agent.json_dumps(agent.Agent().op_hello()))
+try:
+    agent.json_loads('{"id": 1, "op": "x')
+    sys.exit("an unterminated JSON string decoded")
+except ValueError as e:
+    if "Unterminated string" not in str(e):
+        sys.exit(f"unexpected JSON decoding error: {e!r}")
 files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
 print(agent.json_dumps(sorted(f for f in files if f)))
 """
