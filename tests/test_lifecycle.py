@@ -165,3 +165,18 @@ def test_unusable_qemu_stops_the_run_with_one_line_serial_or_xdist(
     assert "During handling" not in out, out
     # Serial pytest says "! Interrupted: ...", pytest-xdist "! xdist.dsession.Interrupted: ...".
     assert re.search(rf"^! (xdist\.dsession\.)?Interrupted: .*{reason}.* !$", out, re.M), out
+
+
+def test_crash_in_an_interrupted_case_is_one_summary_line(tmp_path: Path, qemu_binary: str) -> None:
+    """QEMU dies on its own while the case is being interrupted (ci/faults: a QEMU aborting as
+    the interrupted case quit it): the run still ends as interrupted (exit 2) and the crash is
+    one summary line, not a traceback out of pytest's session finish."""
+    # SIGSEGV to QEMU (a crash: not the harness's kill), then Ctrl-C to the harness.
+    body = "os.kill(m.pid, 11); await asyncio.sleep(0.5); os.kill(os.getpid(), 2); "
+    body += "await asyncio.sleep(60)"
+    with sigint_not_ignored():
+        code, out = run_pytest(case(tmp_path, body), "--qemu", qemu_binary)
+    assert code == 2, out
+    assert "Traceback" not in out, out
+    assert re.search(r"QEMU crashed in the interrupted case: .*signal SIGSEGV", out), out
+    assert_gone(tmp_path)
