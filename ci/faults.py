@@ -99,7 +99,7 @@ class Fault:
 # own crash (a finding), its error line about the closed socket, or its refusal to start that
 # names the device and the socket that failed.
 CRASHED = (
-    r"crashed in the middle of reply|QEMU exited.*(signal|killed by) SIGSEGV|server closed socket"
+    r"crashed in the middle of reply|QEMU exited .*signal SIGSEGV|server closed socket"
     r"|vfio-user-pci.*(socket|Broken pipe)|vhost-user.*(failed to init vhost_net|Failed to connect)"
     r"|Unable to write to socket: Broken pipe"
 )

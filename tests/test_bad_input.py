@@ -147,7 +147,7 @@ def test_qtest_connection_lost_names_how_qemu_exited(tmp_path: Path, qemu_binary
     # EOF or a reset, whichever the dying QEMU gives: either names the signal in its line.
     assert re.search(
         r"QTestError: qtest: (QEMU closed the connection|connection lost) on 'readl 0xfed90000'"
-        r".* \(QEMU exited: killed by SIGKILL\)$",
+        r".* \(QEMU exited with signal SIGKILL\)$",
         out,
         re.M,
     ), out
