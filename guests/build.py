@@ -76,7 +76,8 @@ STARTUP_MODULES = (
     "json",
 )
 GUEST_PROGRAMS = ("usr/sbin/dropbear", "usr/bin/python3.11")
-READY_MARKER = "VIOMMU-GUEST-READY"  # also printed by guests/init; the fixture waits for it
+# guests/agent.py prints it (the build may import only ci/, so it is spelled here too).
+READY_MARKER = "VIOMMU-GUEST-READY"
 RECIPE_VERSION = 2
 
 
