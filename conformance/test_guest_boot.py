@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.plugins.guest import GuestFactory
+from fixtures.plugins.guest import SHARED_LOOP, SharedGuestFactory
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, SHARED_LOOP]
 
 
-async def test_guest_boots_with_dmar_and_agent_answers(guest: GuestFactory) -> None:
-    g = await guest()
+async def test_guest_boots_with_dmar_and_agent_answers(shared_guest: SharedGuestFactory) -> None:
+    # The guest the DMA cases share (one vfio-user device): its boot is what they stand on.
+    g = (await shared_guest({"devA": 3})).guest
     assert g.agent.hello["release"].startswith("6.1.0-")
     assert "intel_iommu=on" in g.agent.hello["cmdline"]
     dmesg = await g.call("dmesg")

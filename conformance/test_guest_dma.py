@@ -4,6 +4,8 @@ A real guest kernel builds the VT-d tables and sends the invalidations; QEMU's n
 them into DMA_MAP / DMA_UNMAP on our host. At every quiescent point the host record must equal
 both oracles: the guest's declared intent (IOVA -> the GPAs /proc/self/pagemap reports) and an
 independent walk of the live VT-d tables in guest RAM (VM paused).
+Cases of one configuration share a booted guest (`shared_guest`), each after a reset that is
+checked to reach the fresh boot's state (fixtures/rig/guest_pool.py).
 """
 
 from __future__ import annotations
@@ -16,26 +18,27 @@ import pytest
 from conformance.known_bugs import U32_DMA_COUNT
 from fixtures.guest.machine import GUEST_IOMMU, Guest
 from fixtures.guest.vfio import GuestVfioDevice
-from fixtures.plugins.guest import GuestFactory
-from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.plugins.guest import SHARED_LOOP, SharedGuestFactory
+from fixtures.rig.guest_pool import GuestLease
 from fixtures.rig.guest_rig import CheckedContainer, device_state
 from fixtures.vfio_user.dma_engine import DmaDirection, DmaPath, DmaStatus, FaultReason
 from fixtures.vfio_user.server import VfioUserServer
 from fixtures.vfio_user.wire import DmaAccess
 from fixtures.vtd.registers import DMAR_BASE, RTADDR, RTADDR_SMT
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, SHARED_LOOP]
 
 DEV_A_BDF = "0000:00:03.0"
+DEV_A = {"devA": 3}  # the shared guest's vfio-user device: host devA in slot 3 of pcie.0
 IOVA = 0x10_0000
 
 
 async def device_in_container(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+    lease: GuestLease,
 ) -> tuple[VfioUserServer, Guest, CheckedContainer, GuestVfioDevice]:
-    """A guest with one vfio-user device at 00:03.0, bound to vfio-pci in a checked container."""
-    srv = await vfio_user_host("devA")
-    g = await guest(devices=[srv.device_json(addr="0x3")])
+    """The leased guest's vfio-user device at 00:03.0, bound to vfio-pci in a checked
+    container."""
+    srv, g = lease.hosts["devA"], lease.guest
     c = CheckedContainer(g)
     dev = GuestVfioDevice(srv, DEV_A_BDF)
     await c.add(dev)
@@ -53,12 +56,12 @@ HUGE = 2 << 20
     ],
 )
 async def test_type1_maps_reach_host_as_guest_intended(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory, iommu: dict[str, Any]
+    shared_guest: SharedGuestFactory, iommu: dict[str, Any]
 ) -> None:
     """Small and large maps, read-only and read-write, then partial and full unmaps, with
     legacy and scalable-mode (second-stage) translation tables."""
-    srv = await vfio_user_host("devA")
-    g = await guest(devices=[srv.device_json(addr="0x3")], iommu=iommu)
+    lease = await shared_guest(DEV_A, iommu=iommu)
+    srv, g = lease.hosts["devA"], lease.guest
     rtaddr = await g.read_phys_u64(DMAR_BASE + RTADDR)
     assert bool(rtaddr & RTADDR_SMT) == bool(iommu.get("scalable-mode")), f"RTADDR {rtaddr:#x}"
     c = CheckedContainer(g)
@@ -88,11 +91,12 @@ async def test_type1_maps_reach_host_as_guest_intended(
 
 
 async def test_device_dma_both_directions_then_faults_after_unmap(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+    shared_guest: SharedGuestFactory,
 ) -> None:
     """DMA through the host mapping lands in the guest buffer and back; after the guest
     unmaps, the device's DMA faults on the host side and the guest buffer stays untouched."""
-    srv, g, c, dev = await device_in_container(guest, vfio_user_host)
+    lease = await shared_guest(DEV_A)
+    srv, g, c, dev = await device_in_container(lease)
     await c.alloc("buf", 4 * 4096)
     await c.map("buf", IOVA)
     await c.check()
@@ -123,12 +127,13 @@ async def test_device_dma_both_directions_then_faults_after_unmap(
 
 @U32_DMA_COUNT
 async def test_client_path_dma_agrees_with_the_host_then_faults_after_unmap(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+    shared_guest: SharedGuestFactory,
 ) -> None:
     """QEMU's own translation path (vfio-user DMA_WRITE messages, translated by the vIOMMU)
     lands where the guest mapped; after the unmap QEMU refuses the DMA_WRITE, the buffer stays
     untouched and the guest logs the DMAR fault."""
-    srv, g, c, dev = await device_in_container(guest, vfio_user_host)
+    lease = await shared_guest(DEV_A)
+    srv, g, c, dev = await device_in_container(lease)
     await c.alloc("buf", 4 * 4096)
     await c.map("buf", IOVA)
     await c.check()
@@ -150,7 +155,7 @@ async def test_client_path_dma_agrees_with_the_host_then_faults_after_unmap(
     # (a non-present entry has neither R nor W). The fault record holds the page address.
     want = f"[DMA Write NO_PASID] Request device [00:03.0] fault addr {IOVA:#x} [fault reason 0x05]"
     for _ in range(25):  # the guest logs the fault from its fault-event interrupt
-        if any(want in line for line in await g.call("dmesg")):
+        if any(want in line for line in await lease.dmesg()):  # this case's lines only
             break
         await asyncio.sleep(0.2)
     else:
@@ -158,11 +163,12 @@ async def test_client_path_dma_agrees_with_the_host_then_faults_after_unmap(
 
 
 async def test_read_only_mapping_faults_device_writes(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+    shared_guest: SharedGuestFactory,
 ) -> None:
     """A map without VFIO_DMA_MAP_FLAG_WRITE reaches the host read-only: reads work,
     device writes fault with a permission error and do not modify the buffer."""
-    srv, g, c, dev = await device_in_container(guest, vfio_user_host)
+    lease = await shared_guest(DEV_A)
+    srv, g, c, dev = await device_in_container(lease)
     await c.alloc("ro", 4096)
     await g.call("fill", buffer="ro", byte=0x33)
     await c.map("ro", IOVA, write=False)
@@ -177,14 +183,13 @@ async def test_read_only_mapping_faults_device_writes(
 
 
 async def test_two_containers_keep_their_domains_apart(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+    shared_guest: SharedGuestFactory,
 ) -> None:
     """Two devices in two type1 containers (two guest domains) map the same IOVA to
     different buffers: each host record holds only its own container's mapping, and each
     device's DMA at that IOVA lands in its own buffer."""
-    a = await vfio_user_host("devA")
-    b = await vfio_user_host("devB")
-    g = await guest(devices=[a.device_json(addr="0x3"), b.device_json(addr="0x4")])
+    lease = await shared_guest({"devA": 3, "devB": 4})
+    a, b, g = lease.hosts["devA"], lease.hosts["devB"], lease.guest
     ca, cb = CheckedContainer(g, "ca"), CheckedContainer(g, "cb")
     dev_a, dev_b = GuestVfioDevice(a, DEV_A_BDF), GuestVfioDevice(b, "0000:00:04.0")
     await ca.add(dev_a)

@@ -21,34 +21,31 @@ from fixtures.guest.machine import kernel_cmdline
 from fixtures.guest.session import AgentCallError
 from fixtures.guest.vfio import GuestVfioDevice
 from fixtures.oracle.dma_event import DmaOp
-from fixtures.plugins.guest import GuestFactory
-from fixtures.plugins.vfio_user import VfioUserHostFactory
+from fixtures.plugins.guest import SHARED_LOOP, SharedGuestFactory
 from fixtures.rig.guest_rig import CheckedContainer
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, SHARED_LOOP]
 
 DEV_A_BDF = "0000:00:03.0"
 MODES = [pytest.param(True, id="strict"), pytest.param(False, id="lazy")]
 
 
-async def _container(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory, strict: bool
-) -> CheckedContainer:
-    srv = await vfio_user_host("devA")
-    g = await guest(devices=[srv.device_json(addr="0x3")], append=kernel_cmdline(strict=strict))
-    c = CheckedContainer(g)
-    await c.add(GuestVfioDevice(srv, DEV_A_BDF))
+async def _container(shared_guest: SharedGuestFactory, strict: bool) -> CheckedContainer:
+    """A shared guest (strict or lazy) with devA at 00:03.0 in a checked container."""
+    lease = await shared_guest({"devA": 3}, append=kernel_cmdline(strict=strict))
+    c = CheckedContainer(lease.guest)
+    await c.add(GuestVfioDevice(lease.hosts["devA"], DEV_A_BDF))
     return c
 
 
 @pytest.mark.parametrize("strict", MODES)
 async def test_many_small_maps_and_one_large_map(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory, strict: bool
+    shared_guest: SharedGuestFactory, strict: bool
 ) -> None:
     """64 single-page maps at scattered IOVAs, then one 4 MiB map of 4 KiB pages spanning
     two page-directory entries, then unmaps that take every other small page and the
     middle of nothing; the host follows at each step."""
-    c = await _container(guest, vfio_user_host, strict)
+    c = await _container(shared_guest, strict)
     if not strict:
         dmesg = await c.guest.call("dmesg")
         assert any("IOMMU batching disallowed" in line for line in dmesg), (
@@ -74,11 +71,11 @@ async def test_many_small_maps_and_one_large_map(
 
 @pytest.mark.parametrize("strict", MODES)
 async def test_map_unmap_churn_leaves_nothing_behind(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory, strict: bool
+    shared_guest: SharedGuestFactory, strict: bool
 ) -> None:
     """500 map/unmap cycles of the same range inside the guest (no round trips): every
     cycle reaches the host as MAPs then UNMAPs, and nothing is left mapped."""
-    c = await _container(guest, vfio_user_host, strict)
+    c = await _container(shared_guest, strict)
     srv = c.devices[0].server
     await c.alloc("buf", 4 * 4096)
     await c.map("buf", 0x4000_0000, size=4096)  # a live neighbour that must survive
@@ -109,12 +106,12 @@ async def test_map_unmap_churn_leaves_nothing_behind(
 
 
 async def test_a_change_is_notified_alone_and_unchanged_neighbours_stay_quiet(
-    guest: GuestFactory, vfio_user_host: VfioUserHostFactory
+    shared_guest: SharedGuestFactory,
 ) -> None:
     """Rule: an unchanged translation produces no traffic (iova_tree skip), a new one is
     one MAP, a removed one is one UNMAP, even when the guest's page-selective invalidation
     covers a table full of live neighbours."""
-    c = await _container(guest, vfio_user_host, strict=True)
+    c = await _container(shared_guest, strict=True)
     srv = c.devices[0].server
     await c.alloc("buf", 18 * 4096)
     base = 0x2000_0000
