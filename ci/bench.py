@@ -3,6 +3,7 @@
 Wall-clock figures on a noisy machine mean little alone, so each case time is also reported
 as a ratio to a bare QEMU start+quit measured in the same run.
 Usage: ci/bench [--runs N] [--fuzz-examples N] [--skip-guest] [--skip-ci-test]
+(--skip-guest also skips the two guest-tier runs, guest_tier_s and guest_tier_fresh_s)
 """
 
 from __future__ import annotations
@@ -91,6 +92,25 @@ def ci_test_seconds(qemu: str, log: Path) -> tuple[float, str]:
     return seconds, summary
 
 
+def guest_tier_seconds(qemu: str, *, reuse: bool) -> float:
+    """Wall time of the guest tier (`-m guest`) on ci/test's worker count; `reuse=False`
+    boots a guest for every case (VIOMMU_GUEST_REUSE=0) instead of sharing them."""
+    cores = os.cpu_count() or 1
+    workers = "0" if cores < 2 else str(min(cores, 4))
+    env = {**os.environ, "VIOMMU_GUEST_REUSE": "1" if reuse else "0"}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "conformance", "-m", "guest", "-n", workers,
+         "--qemu", qemu],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=CI_TEST_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = proc.stdout.strip().splitlines()[-1:]
+        raise SystemExit(f"bench: the guest tier (reuse={reuse}) failed: {tail}")
+    return seconds
+
+
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
 
@@ -131,6 +151,12 @@ def main() -> None:
         print(f"guest_boot_over_bare: {guest['guest_boot_s'] / bare:.1f}")
         print(f"agent_map_unmap_per_s: {guest['agent_map_unmap_per_s']:.1f}")
         print(f"guest_map_unmap_per_s: {guest['guest_map_unmap_per_s']:.1f}", flush=True)
+        # Shared guests (fixtures/rig/guest_pool.py) against a boot per case, back to back.
+        shared = guest_tier_seconds(opts.qemu, reuse=True)
+        fresh = guest_tier_seconds(opts.qemu, reuse=False)
+        print(f"guest_tier_s: {shared:.1f}")
+        print(f"guest_tier_fresh_s: {fresh:.1f}")
+        print(f"guest_tier_over_fresh: {shared / fresh:.2f}", flush=True)
     if not opts.skip_ci_test:
         # Last, so that the figures above are not taken beside it; the log outlives the run.
         log = Path(tempfile.mkstemp(prefix="bench-ci-test-", suffix=".log")[1])

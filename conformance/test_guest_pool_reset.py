@@ -1,12 +1,16 @@
 """The shared guest's reset check (fixtures/rig/guest_pool.py) lends a guest again only in its
 fresh boot's state, and rejects a reset that leaves a host mapping or a bound device behind.
 
-These cases drive the worker's `guest_pool` directly, so each sees its own lease released.
+Each case drives a pool of its own (the worker's launcher and hosts; it reuses guests even
+under VIOMMU_GUEST_REUSE=0), so it sees its own leases released and leaves no guest behind.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
+import pytest_asyncio
 
 from fixtures.guest.machine import GUEST_IOMMU, Guest, kernel_cmdline
 from fixtures.guest.session import GuestSession
@@ -17,11 +21,17 @@ from fixtures.rig.guest_rig import CheckedContainer
 
 pytestmark = [pytest.mark.guest, SHARED_LOOP]
 
-# A configuration of these cases alone (its own host, its own slot): the guests they break
-# are never another case's. In file order they boot twice: the first case's guest, reset,
-# is the one the second case's reset check rejects.
 DEVICES = {"devR": 5}
 APPEND = kernel_cmdline()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pool(guest_pool: GuestPool) -> AsyncIterator[GuestPool]:
+    own = GuestPool(guest_pool.launch, guest_pool.new_host, guest_pool.image, reuse=True)
+    try:
+        yield own
+    finally:
+        await own.close()
 
 
 async def _lease(pool: GuestPool) -> GuestLease:
@@ -39,13 +49,13 @@ async def _map_one_page(lease: GuestLease, guest: Guest | None = None) -> Checke
 
 
 async def test_a_reset_that_checks_out_lends_the_guest_again_with_empty_records(
-    guest_pool: GuestPool,
+    pool: GuestPool,
 ) -> None:
-    first = await _lease(guest_pool)
+    first = await _lease(pool)
     await _map_one_page(first)  # left mapped: releasing the container is the reset's part
     host, agent_pid = first.hosts["devR"], first.guest.agent.hello["pid"]
-    assert await guest_pool.release(first, reusable=True) is None
-    second = await _lease(guest_pool)
+    assert await pool.release(first, reusable=True) is None
+    second = await _lease(pool)
     try:
         assert second.guest is first.guest
         assert second.origin == "reset"
@@ -55,11 +65,11 @@ async def test_a_reset_that_checks_out_lends_the_guest_again_with_empty_records(
         assert second.guest.agent.hello["pid"] != agent_pid, "the old agent process serves on"
         await _map_one_page(second)  # the reset guest works as a fresh one does
     finally:
-        assert await guest_pool.release(second, reusable=True) is None
+        assert await pool.release(second, reusable=True) is None
 
 
-async def test_the_reset_rejects_a_mapping_the_host_kept(guest_pool: GuestPool) -> None:
-    lease = await _lease(guest_pool)
+async def test_the_reset_rejects_a_mapping_the_host_kept(pool: GuestPool) -> None:
+    lease = await _lease(pool)
     g = lease.guest
     # A second agent process of the case holds a mapped container: the reset releases only
     # the lease's own session, so the host keeps that mapping.
@@ -67,7 +77,7 @@ async def test_the_reset_rejects_a_mapping_the_host_kept(guest_pool: GuestPool) 
     try:
         kept = Guest(g.machine, g.image, port=g.port, session=other)
         await _map_one_page(lease, kept)
-        reason = await guest_pool.release(lease, reusable=True)
+        reason = await pool.release(lease, reusable=True)
     finally:
         await other.close()
     assert reason is not None
@@ -75,11 +85,11 @@ async def test_the_reset_rejects_a_mapping_the_host_kept(guest_pool: GuestPool) 
     assert not g.machine.running, "a guest whose reset failed was kept"
 
 
-async def test_the_reset_rejects_a_device_left_bound(guest_pool: GuestPool) -> None:
-    lease = await _lease(guest_pool)
+async def test_the_reset_rejects_a_device_left_bound(pool: GuestPool) -> None:
+    lease = await _lease(pool)
     # Another device of the guest left on vfio-pci: the PCI listing is no longer the fresh one.
     await lease.guest.call("bind", bdf="0000:00:1f.3")
-    reason = await guest_pool.release(lease, reusable=True)
+    reason = await pool.release(lease, reusable=True)
     assert reason is not None
     assert "0000:00:1f.3 driver vfio-pci" in reason, reason
     assert not lease.guest.machine.running
