@@ -1,8 +1,9 @@
 """The shared guest's reset check (fixtures/rig/guest_pool.py) lends a guest again only in its
 fresh boot's state, and rejects a reset that leaves a host mapping or a bound device behind.
 
-Each case drives a pool of its own (the worker's launcher and hosts; it reuses guests even
-under VIOMMU_GUEST_REUSE=0), so it sees its own leases released and leaves no guest behind.
+The cases drive a pool of their own (the worker's launcher and hosts; it reuses guests even
+under VIOMMU_GUEST_REUSE=0), so each sees its own leases released; in file order the first
+case's guest, reset, is the one the second case's check rejects (either way the case holds).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ DEVICES = {"devR": 5}
 APPEND = kernel_cmdline()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def pool(guest_pool: GuestPool) -> AsyncIterator[GuestPool]:
     own = GuestPool(guest_pool.launch, guest_pool.new_host, guest_pool.image, reuse=True)
     try:
