@@ -55,6 +55,7 @@ VFIO_DMA_MAP_FLAG_READ = 1
 VFIO_DMA_MAP_FLAG_WRITE = 2
 
 PAGE = 4096
+BIND_WITHIN_S = 5.0  # a hotplugged function becomes matchable within this long (op_bind)
 HUGE = 2 << 20
 MAP_HUGETLB = 0x40000
 MAP_POPULATE = 0x8000
@@ -257,9 +258,17 @@ class Agent:
             if os.path.exists(f"{d}/driver"):
                 _write(f"{d}/driver/unbind", bdf)
             _write(f"{d}/driver_override", "vfio-pci")
-            _write("/sys/bus/pci/drivers_probe", bdf)
+            # A hotplugged function is in sysfs before the kernel lets a driver match it
+            # (pci_bus_add_device allows matching only after the BARs are assigned): a probe
+            # in that window binds nothing, so probe again until it binds or time runs out.
+            deadline = time.monotonic() + BIND_WITHIN_S
+            while True:
+                _write("/sys/bus/pci/drivers_probe", bdf)
+                if _link_name(f"{d}/driver") == "vfio-pci" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
         if _link_name(f"{d}/driver") != "vfio-pci":
-            raise AgentError(f"{bdf} did not bind to vfio-pci")
+            raise AgentError(f"{bdf} did not bind to vfio-pci within {BIND_WITHIN_S} s")
         group = _group_of(bdf)
         if group is None:
             raise AgentError(f"{bdf} has no IOMMU group (is DMAR on?)")
