@@ -208,8 +208,10 @@ BUILD_LIBRARIES = (
     ("glib-2.0", "libglib2.0-dev"), ("pixman-1", "libpixman-1-dev"), ("slirp", "libslirp-dev"),
     ("zlib", "zlib1g-dev"),
 )  # fmt: skip
-# x86_64 needs no libfdt; use the system's when there is one (libfdt-dev has no .pc file).
+# Use the system's libfdt when there is one (libfdt-dev has no .pc file). QEMU 10.2's x86_64
+# build needs it, and Debian's +ds source has no dtc subproject to fall back on.
 LIBFDT_HEADER = Path("/usr/include/libfdt.h")
+NO_DTC = "Subproject dtc is buildable: NO"
 
 
 def missing_build_dependencies() -> list[str]:
@@ -243,7 +245,12 @@ def build_tree(src: Path, build: Path, *, jobs: int | None = None) -> Path:
         ensure_build_wheels(src)
         print(f"build-qemu: configure {' '.join(args)}", file=sys.stderr)
         stamp.unlink(missing_ok=True)
-        _run([configure, *args], cwd=build, what="configure")
+        try:
+            _run([configure, *args], cwd=build, what="configure")
+        except BuildError as err:
+            if NO_DTC in str(err):
+                raise BuildError("missing build dependencies: apt-get install libfdt-dev") from None
+            raise
         stamp.write_text(digest)
     _run(
         ["ninja", "-C", build, f"-j{jobs or os.cpu_count() or 1}", BINARY],

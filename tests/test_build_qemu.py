@@ -167,6 +167,25 @@ def test_missing_build_dependencies_are_named_as_packages(
     )
 
 
+def test_configure_without_libfdt_names_the_package(
+    tmp_path: Path, fake_ninja: dict[str, str]
+) -> None:
+    """QEMU 10.2 from Debian's +ds source (no dtc subproject) on a host without libfdt-dev."""
+    src = fake_tree(tmp_path, NEW_STYLE, kconfig_client=False)
+    configure = src / "configure"
+    configure.write_text(
+        configure.read_text().replace(
+            'echo "$@" >> configure.calls',
+            'echo "Library fdt found: NO"; echo "ERROR: Subproject dtc is buildable: NO"; exit 1',
+        )
+    )
+    result = build(src, tmp_path / "build", fake_ninja)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "build-qemu: missing build dependencies: apt-get install libfdt-dev"
+    )
+
+
 def test_not_a_qemu_tree_is_one_line(tmp_path: Path, fake_ninja: dict[str, str]) -> None:
     result = build(tmp_path, tmp_path / "build", fake_ninja)
     assert result.returncode == 1
