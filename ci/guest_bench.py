@@ -48,10 +48,9 @@ IOVA = 0x10_0000
 # "start" is QEMU's spawn, "agent" the first agent reply.
 BREAKDOWN = (
     ("boot_kernel_s", "start", "VIOMMU-BOOT init"),  # firmware, kernel, initramfs unpack
-    ("boot_init_net_s", "VIOMMU-BOOT init", "VIOMMU-BOOT net"),  # virtio modules, link up
-    ("boot_init_vfio_s", "VIOMMU-BOOT net", "VIOMMU-BOOT vfio"),  # vfio modules
+    ("boot_init_net_s", "VIOMMU-BOOT init", "VIOMMU-BOOT net"),  # lo and eth0 up, addresses
     # dropbear start, the agent's python3 start and imports, its listen; it prints the marker
-    ("boot_init_ready_s", "VIOMMU-BOOT vfio", READY_MARKER),
+    ("boot_init_ready_s", "VIOMMU-BOOT net", READY_MARKER),
     ("boot_ready_to_agent_s", READY_MARKER, "agent"),  # SSH handshake, direct-tcpip, fork, hello
 )
 

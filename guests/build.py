@@ -3,15 +3,13 @@
 Run as `python3 -m guests.build` from the top (stdlib only: it runs before the venv exists).
 Prints the guest directory, which holds vmlinuz, initrd, client_key (OpenSSH private key for
 paramiko), host_key.pub (to pin the guest's identity), manifest.json and, written last, the stamp.
-`vmlinuz` is the package's kernel unpacked to its ELF image, which QEMU boots through the
-kernel's PVH entry: the guest never runs the bzImage decompressor, a few seconds under TCG on
-a loaded host (manifest.json's `kernel_boot` says which was written; the package's bzImage is
-kept as `bzImage`).
+`vmlinuz` is the suite's own build of Debian's linux-source-6.1 (guests/kernel.py, cached apart
+from the image), an ELF that QEMU boots through its PVH entry: no decompressor runs in the guest.
 
 Packages come from a private, freshly updated bookworm apt on the host's own Debian mirror
-(ci/private_apt.py) through `apt-get download` and are unpacked with `dpkg-deb -x`: no root
-image, no mounts, no chroot. The initramfs is an uncompressed cpio (newc)
-written here, so no cpio tool is needed either. Keys are generated per build, never committed.
+(guests/packages.py) and are unpacked with `dpkg-deb -x`: no root image, no mounts, no chroot.
+The initramfs is an uncompressed cpio (newc) written here, so no cpio tool is needed either.
+Keys are generated per build, never committed.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import stat
 import struct
@@ -33,16 +30,18 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ci.private_apt import PrivateApt, ProvisionError, cache_root
-from ci.private_apt import unpack as unpack_debs
+from ci.private_apt import cache_root
+from guests.kernel import CONFIG as KERNEL_CONFIG
+from guests.kernel import build_kernel
+from guests.packages import BuildError, bookworm_apt, download, unpack
+from guests.packages import run as _run
 
 HERE = Path(__file__).resolve().parent
 
 GUEST_FILES = (HERE / "init", HERE / "agent.py")
-
-# The recipe: anything that changes the image belongs here or in GUEST_FILES (both are hashed).
-KERNEL_META = "linux-image-cloud-amd64"  # resolves to linux-image-6.1.0-N-cloud-amd64
-KERNEL_SERIES = "linux-image-6.1.0-"
+# The recipe: anything that changes the image belongs here, in GUEST_FILES or in the kernel's
+# recipe (all are hashed).
+RECIPE_FILES = (Path(__file__), HERE / "packages.py", HERE / "kernel.py", KERNEL_CONFIG)
 PACKAGES = (
     "busybox-static",
     "dropbear-bin",
@@ -57,11 +56,7 @@ PACKAGES = (
     "libpython3.11-stdlib",
     "libffi8",
     "libexpat1",
-    "lz4",  # build-time only: unpacks the kernel's LZ4 payload for PVH boot
-    "liblz4-1",
 )
-# Modules the guest loads (deps are resolved with busybox depmod from the package's tree).
-MODULES = ("virtio_pci", "virtio_net", "vfio_pci", "vfio_iommu_type1")
 # From libpython3.11-stdlib only what the agent needs. Of both stdlib packages only the modules
 # the agent's import actually loads go into the image (as recorded by the guest's Python at
 # build time, see _agent_modules), plus the codecs Python's start-up may pick.
@@ -78,17 +73,12 @@ STARTUP_MODULES = (
 GUEST_PROGRAMS = ("usr/sbin/dropbear", "usr/bin/python3.11")
 # guests/agent.py prints it (the build may import only ci/, so it is spelled here too).
 READY_MARKER = "VIOMMU-GUEST-READY"
-RECIPE_VERSION = 2
-
-
-class BuildError(Exception):
-    """A build step failed; the message is the one line the user sees."""
+RECIPE_VERSION = 3
 
 
 def recipe_hash() -> str:
     h = hashlib.sha256()
-    h.update(Path(__file__).read_bytes())
-    for f in GUEST_FILES:
+    for f in (*RECIPE_FILES, *GUEST_FILES):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -99,76 +89,6 @@ def guest_dir() -> Path:
 
 def is_built(d: Path) -> bool:
     return (d / "stamp").is_file()
-
-
-def _run(argv: list[str], *, cwd: Path | None = None, timeout: float = 600) -> str:
-    try:
-        p = subprocess.run(
-            argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise BuildError(f"{argv[0]}: {e}") from e
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        words = [a for a in argv if not a.startswith("-") and "::" not in a and "=" not in a]
-        raise BuildError(f"{' '.join(words[:2])} failed ({p.returncode}): {last}")
-    return p.stdout
-
-
-def _kernel_in(depends_output: str) -> str | None:
-    m = re.search(rf"Depends: ({re.escape(KERNEL_SERIES)}\d+-cloud-amd64)\b", depends_output)
-    return m.group(1) + "-unsigned" if m else None
-
-
-def choose_apt(root: Path) -> tuple[list[str], str]:
-    """(apt options, kernel package) of a private apt for bookworm on the host's own Debian
-    mirror (ci/private_apt.py), freshly updated: the host's own package lists may be months
-    old, and the mirror keeps only current kernels."""
-    try:
-        apt = PrivateApt(root / "apt-bookworm", ["bookworm", "bookworm-updates"])
-        apt.update()
-    except ProvisionError as e:
-        raise BuildError(f"private bookworm apt: {e}") from e
-    kernel = _kernel_in(_run(["apt-cache", *apt.options, "depends", KERNEL_META]))
-    if kernel is None:
-        raise BuildError(f"bookworm's {KERNEL_META} is not a {KERNEL_SERIES}* kernel")
-    return apt.options, kernel
-
-
-def download(packages: Iterable[str], debs: Path, apt_opts: list[str]) -> dict[str, Path]:
-    """apt-get download into a shared .deb cache; returns package name -> .deb path."""
-    names = list(packages)
-    uris = _run(["apt-get", *apt_opts, "download", "--print-uris", *names])
-    wanted: dict[str, Path] = {}
-    for line in uris.splitlines():
-        # 'URI' FILENAME SIZE HASH
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].startswith("'"):
-            fname = parts[1]
-            wanted[fname.split("_", 1)[0]] = debs / fname
-    missing = [n for n in names if n not in wanted]
-    if missing:
-        raise BuildError(f"apt has no candidate for: {' '.join(missing)}")
-    todo = [n for n, p in wanted.items() if not p.is_file()]
-    if todo:
-        _run(["apt-get", *apt_opts, "download", *todo], cwd=debs)
-    for n, p in wanted.items():
-        if not p.is_file():
-            raise BuildError(f"apt-get download did not produce {p.name} for {n}")
-    return wanted
-
-
-def unpack(debs: dict[str, Path], into: Path) -> dict[str, Path]:
-    roots = {}
-    for name, deb in debs.items():
-        root = into / name
-        root.mkdir(parents=True)
-        try:
-            unpack_debs([deb], root)
-        except ProvisionError as e:
-            raise BuildError(str(e)) from e
-        roots[name] = root
-    return roots
 
 
 # --- ELF DT_NEEDED, so the library closure needs no ldd and no host libraries -----------------
@@ -252,7 +172,7 @@ def host_exec(merged: Path, program: str, *args: str) -> list[str]:
     return [str(loader), "--inhibit-cache", "--library-path", libs, str(merged / program), *args]
 
 
-def assemble(roots: dict[str, Path], kernel_pkg: str, work: Path, out: Path) -> dict[str, str]:
+def assemble(roots: dict[str, Path], work: Path, out: Path) -> None:
     merged = work / "merged"
     for r in roots.values():
         _tree(r, merged)
@@ -291,26 +211,6 @@ def assemble(roots: dict[str, Path], kernel_pkg: str, work: Path, out: Path) -> 
         _copy(merged / rel, rootfs / rel)
     (rootfs / "lib64").mkdir(exist_ok=True)
     (rootfs / "lib64/ld-linux-x86-64.so.2").symlink_to("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
-
-    # Kernel modules: depmod over the full tree, then the closure of MODULES, then depmod again.
-    kroot = roots[kernel_pkg]
-    (release,) = [p.name for p in (kroot / "lib/modules").iterdir()]
-    _run([str(busybox), "depmod", "-b", str(kroot), release])
-    deps = _parse_modules_dep(kroot / "lib/modules" / release / "modules.dep")
-    needed: set[str] = set()
-    for mod in MODULES:
-        rel = _find_module(deps, mod)
-        needed |= {rel, *deps[rel]}
-    mdir = f"lib/modules/{release}"
-    for rel in needed:
-        _copy(kroot / mdir / rel, rootfs / mdir / rel)
-    for f in ("modules.builtin", "modules.order", "modules.builtin.modinfo"):
-        if (kroot / mdir / f).exists():
-            _copy(kroot / mdir / f, rootfs / mdir / f)
-    _run([str(busybox), "depmod", "-b", str(rootfs), release])
-    (vmlinuz,) = (kroot / "boot").glob("vmlinuz-*")
-    shutil.copy2(vmlinuz, out / "bzImage")
-    kernel_boot = pvh_kernel(merged, vmlinuz, work / "kernel", out / "vmlinuz")
 
     # Identity: a host key pinned by the fixture and a client key paramiko loads.
     keys = work / "keys"
@@ -354,7 +254,6 @@ def assemble(roots: dict[str, Path], kernel_pkg: str, work: Path, out: Path) -> 
     with open(out / "initrd.tmp", "wb") as raw:
         write_cpio(rootfs, raw)
     os.replace(out / "initrd.tmp", out / "initrd")
-    return {"kernel_release": release, "kernel_package": kernel_pkg, "kernel_boot": kernel_boot}
 
 
 # Run by the guest's Python with the image's tree as its home: import the agent as the harness
@@ -426,52 +325,6 @@ def _sourceless(pyroot: Path) -> None:
             cache.rmdir()
 
 
-def pvh_kernel(merged: Path, bzimage: Path, work: Path, out: Path) -> str:
-    """Write the kernel QEMU boots: the bzImage's payload unpacked to the kernel's ELF image
-    when that has a PVH entry (QEMU then loads it directly and enters it in 32-bit mode, no
-    decompressor runs in the guest); otherwise the bzImage itself. Returns which."""
-    data = bzimage.read_bytes()
-    if data[0x202:0x206] != b"HdrS":
-        raise BuildError(f"{bzimage.name} is not a bzImage")
-    setup_sects = data[0x1F1] or 4
-    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
-    start = (setup_sects + 1) * 512 + payload_offset
-    payload = data[start : start + payload_length]
-    if payload[:4] != b"\x02\x21\x4c\x18":  # LZ4 legacy frame, as Debian's kernels use
-        shutil.copy2(bzimage, out)
-        return "bzImage (payload not LZ4)"
-    work.mkdir()
-    # The payload ends in the kernel's 4-byte uncompressed size, which lz4 does not expect.
-    (work / "payload.lz4").write_bytes(payload[:-4])
-    unlz4 = host_exec(merged, "usr/bin/lz4", "-d", "-q", "-f")
-    _run([*unlz4, str(work / "payload.lz4"), str(work / "vmlinux")])
-    if not _has_pvh_note((work / "vmlinux").read_bytes()):
-        shutil.copy2(bzimage, out)
-        return "bzImage (no PVH entry note)"
-    os.replace(work / "vmlinux", out)
-    return "pvh"
-
-
-def _has_pvh_note(elf: bytes) -> bool:
-    """Whether the ELF has a Xen note of type XEN_ELFNOTE_PHYS32_ENTRY (18): the PVH entry."""
-    if elf[:4] != b"\x7fELF" or elf[4] != 2:
-        return False
-    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        p_type, _f, p_off, _va, _pa, p_filesz = struct.unpack_from(
-            "<IIQQQQ", elf, phoff + i * phentsize
-        )
-        pos, end = p_off, p_off + p_filesz
-        while p_type == 4 and pos + 12 <= end:  # PT_NOTE: namesz, descsz, type, name, desc
-            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
-            if name == b"Xen" and ntype == 18:
-                return True
-            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
-    return False
-
-
 def _run_env(argv: list[str], env: dict[str, str]) -> str:
     p = subprocess.run(
         argv, capture_output=True, text=True, timeout=120, check=False, env={**os.environ, **env}
@@ -487,22 +340,6 @@ def _pubkey_line(dropbearkey_y: str) -> str:
         if line.startswith("ssh-"):
             return " ".join(line.split()[:2])
     raise BuildError("dropbearkey -y printed no public key")
-
-
-def _parse_modules_dep(path: Path) -> dict[str, list[str]]:
-    deps = {}
-    for line in path.read_text().splitlines():
-        mod, _, rest = line.partition(":")
-        deps[mod.strip()] = rest.split()
-    return deps
-
-
-def _find_module(deps: dict[str, list[str]], name: str) -> str:
-    want = {f"{name}.ko", f"{name.replace('_', '-')}.ko"}
-    for rel in deps:
-        if rel.rsplit("/", 1)[-1] in want:
-            return rel
-    raise BuildError(f"kernel module {name} not in the kernel package")
 
 
 # --- cpio newc ------------------------------------------------------------------------------
@@ -569,10 +406,17 @@ def build(force: bool = False) -> Path:
             work = Path(tmp)
             out = work / "out"
             out.mkdir(mode=0o700)
-            apt_opts, kernel_pkg = choose_apt(root)
-            files = download([kernel_pkg, *PACKAGES], debs, apt_opts)
+            apt_opts = bookworm_apt(root)
+            kernel = build_kernel(root, apt_opts, debs)
+            shutil.copy2(kernel.vmlinux, out / "vmlinuz")
+            files = download(PACKAGES, debs, apt_opts)
             roots = unpack(files, work / "pkgs")
-            info: dict[str, object] = {**assemble(roots, kernel_pkg, work, out)}
+            assemble(roots, work, out)
+            info: dict[str, object] = {
+                "kernel_release": kernel.release,
+                "kernel_source": kernel.source,
+                "kernel_boot": "pvh",
+            }
             info["packages"] = {n: p.name for n, p in sorted(files.items())}
             info["recipe"] = recipe_hash()
             info["ready_marker"] = READY_MARKER
