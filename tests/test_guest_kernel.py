@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 import struct
+from pathlib import Path
+
+import pytest
 
 from guests.kernel import CONFIG, dropped_options, has_pvh_note
+from guests.packages import BuildError
 
 
 def test_dropped_options_names_each_option_kconfig_did_not_give() -> None:
@@ -48,3 +52,17 @@ def test_pvh_note_is_the_xen_phys32_entry_note() -> None:
     assert not has_pvh_note(_elf_with_note(b"Xen", 17))  # another Xen note
     assert not has_pvh_note(_elf_with_note(b"GNU", 18))
     assert not has_pvh_note(b"MZ" + b"\0" * 100)
+
+
+def test_a_host_without_a_compiler_gets_one_line_naming_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import guests.kernel as kernel
+
+    monkeypatch.setattr(kernel.shutil, "which", lambda t: None if t == "gcc" else f"/usr/bin/{t}")
+    with pytest.raises(BuildError) as err:
+        kernel.build_kernel(tmp_path, [], tmp_path / "debs")  # no kernel cached there
+    assert str(err.value) == (
+        "the guest kernel is built from source and needs gcc on the host: "
+        "apt-get install build-essential"
+    )
