@@ -180,3 +180,16 @@ def test_crash_in_an_interrupted_case_is_one_summary_line(tmp_path: Path, qemu_b
     assert "Traceback" not in out, out
     assert re.search(r"QEMU crashed in the interrupted case: .*signal SIGSEGV", out), out
     assert_gone(tmp_path)
+
+
+def test_a_phase_cancelled_as_by_a_lost_interrupt_ends_the_session(
+    tmp_path: Path, qemu_binary: str
+) -> None:
+    # What asyncio.Runner.run leaves of a Ctrl-C that lands between installing its SIGINT
+    # handler and zeroing its interrupt count: the phase's task cancelled, CancelledError out.
+    body = "asyncio.current_task().cancel()\n        await asyncio.sleep(0)"
+    code, out = run_pytest(case(tmp_path, body), "--qemu", qemu_binary)
+    assert code == 2, out  # interrupted, as Ctrl-C ends a session
+    assert "KeyboardInterrupt" in out and "Traceback" not in out, out
+    assert "CancelledError" not in out, out
+    assert_gone(tmp_path)
