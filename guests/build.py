@@ -15,7 +15,6 @@ Keys are generated per build, never committed.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -31,8 +30,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ci.private_apt import cache_root
-from guests.kernel import CONFIG as KERNEL_CONFIG
+from guests.cache import build_lock, prune, touch
 from guests.kernel import build_kernel
+from guests.kernel import recipe_hash as kernel_recipe_hash
 from guests.packages import BuildError, bookworm_apt, download, unpack
 from guests.packages import run as _run
 
@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 GUEST_FILES = (HERE / "init", HERE / "agent.py")
 # The recipe: anything that changes the image belongs here, in GUEST_FILES or in the kernel's
 # recipe (all are hashed).
-RECIPE_FILES = (Path(__file__), HERE / "packages.py", HERE / "kernel.py", KERNEL_CONFIG)
+RECIPE_FILES = (Path(__file__), HERE / "packages.py", HERE / "cache.py")
 PACKAGES = (
     "busybox-static",
     "dropbear-bin",
@@ -80,6 +80,7 @@ def recipe_hash() -> str:
     h = hashlib.sha256()
     for f in (*RECIPE_FILES, *GUEST_FILES):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
+    h.update(kernel_recipe_hash().encode())
     return h.hexdigest()[:16]
 
 
@@ -382,21 +383,13 @@ def write_cpio(root: Path, out: io.BufferedIOBase) -> None:
 # --- the cached build -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    # pytest-xdist workers may all ask for the image at once: one builds, the others wait.
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def build(force: bool = False) -> Path:
     final = guest_dir()
     if is_built(final) and not force:
         touch(final)
         return final
     root = cache_root()  # created 0700
-    with _lock(root / f"{final.name}.lock"):
+    with build_lock(root / f"{final.name}.lock"):
         if is_built(final) and not force:
             return final
         debs = root / "debs"
@@ -427,29 +420,8 @@ def build(force: bool = False) -> Path:
             os.replace(out, final)
             final.chmod(0o700)
             (final / "stamp").write_text(f"{recipe_hash()}\n")  # last: marks a complete build
-        prune(root, keep=final)
+        prune(root, "guest-", keep=final)
     return final
-
-
-def prune(root: Path, keep: Path, max_age_days: float = 7.0) -> None:
-    """Remove images of other recipes unused for a week (another checkout may still want a
-    recent one); each boot refreshes its image's stamp time (see touch())."""
-    limit = time.time() - max_age_days * 86400
-    for d in root.glob("guest-*"):
-        if d == keep or not d.is_dir() or ".build-" in d.name:  # another build in progress
-            continue
-        stamp = d / "stamp"
-        used = stamp.stat().st_mtime if stamp.exists() else d.stat().st_mtime
-        if used < limit:
-            shutil.rmtree(d, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                (root / f"{d.name}.lock").unlink()
-
-
-def touch(d: Path) -> None:
-    """Mark an image as in use (prune keeps what was used recently)."""
-    with contextlib.suppress(OSError):
-        os.utime(d / "stamp")
 
 
 def main(argv: list[str]) -> int:

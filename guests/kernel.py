@@ -13,13 +13,12 @@ The host needs only a C toolchain and make (build-essential; perl is essential o
 flex, bison, m4, bc and libelf's headers for objtool come as bookworm .debs from the private
 apt, unpacked into a tool root that the build's PATH and library path put first: nothing is
 installed on the host. One build takes about 4 minutes on 2 cores and is shared by every guest
-image built from the same kernel recipe (this file and kernel.config).
+image built from the same kernel recipe (kernel.config, the packages, BUILD_VERSION).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -31,13 +30,13 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from ci.private_apt import ProvisionError
 from ci.private_apt import unpack as unpack_debs
+from guests.cache import build_lock, prune, touch
 from guests.packages import BuildError, download, run
 
 __all__ = ["CONFIG", "GuestKernel", "build_kernel", "dropped_options", "has_pvh_note"]
@@ -47,6 +46,9 @@ CONFIG = HERE / "kernel.config"
 SOURCE_PACKAGE = "linux-source-6.1"
 TOOL_PACKAGES = ("flex", "bison", "m4", "bc", "libreadline8", "libelf-dev", "libelf1")
 HOST_TOOLS = ("gcc", "make", "ld", "perl")
+# Bump when the build itself changes (make's arguments or environment, the steps): the kernel
+# recipe hashes this, not the file.
+BUILD_VERSION = 1
 MAKE_TIMEOUT_S = 3600.0  # about 4 minutes on 2 idle cores; a loaded CI runner is slower
 
 
@@ -58,9 +60,10 @@ class GuestKernel:
 
 
 def recipe_hash() -> str:
-    h = hashlib.sha256()
-    for f in (Path(__file__), CONFIG):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    """What the kernel is built from: the config, the packages and BUILD_VERSION. Not this
+    file's text: a 4-minute rebuild for every edit of it would be a poor trade."""
+    h = hashlib.sha256(CONFIG.read_bytes())
+    h.update(repr((BUILD_VERSION, SOURCE_PACKAGE, TOOL_PACKAGES)).encode())
     return h.hexdigest()[:16]
 
 
@@ -111,16 +114,8 @@ def _load(d: Path) -> GuestKernel | None:
     if not (d / "stamp").is_file():
         return None
     release, source = (d / "stamp").read_text().split()[:2]
-    with contextlib.suppress(OSError):
-        os.utime(d / "stamp")  # in use: pruning keeps it
+    touch(d)
     return GuestKernel(d / "vmlinux", release, source)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def build_kernel(root: Path, apt_opts: list[str], debs: Path) -> GuestKernel:
@@ -133,7 +128,7 @@ def build_kernel(root: Path, apt_opts: list[str], debs: Path) -> GuestKernel:
             f"the guest kernel is built from source and needs {', '.join(missing)} on the host: "
             "apt-get install build-essential"
         )
-    with _lock(root / f"{final.name}.lock"):
+    with build_lock(root / f"{final.name}.lock"):
         if (done := _load(final)) is not None:
             return done
         print(
@@ -184,7 +179,7 @@ def build_kernel(root: Path, apt_opts: list[str], debs: Path) -> GuestKernel:
         print(
             f"guest build: kernel {release} built in {time.monotonic() - t0:.0f} s", file=sys.stderr
         )
-        _prune(root, keep=final)
+        prune(root, "kernel-", keep=final)
     built = _load(final)
     assert built is not None
     return built
@@ -251,17 +246,3 @@ def _make(argv: list[str], env: dict[str, str], out: IO[str], log: Path) -> None
         lines = log.read_text(errors="replace").splitlines()
         errors = [ln for ln in lines if "error" in ln.lower()] or lines or ["(no output)"]
         raise BuildError(f"kernel build failed ({argv[-1]}): {errors[0].strip()}; log: {log}")
-
-
-def _prune(root: Path, keep: Path, max_age_days: float = 7.0) -> None:
-    """Remove kernels of other recipes unused for a week (another checkout may want one)."""
-    limit = time.time() - max_age_days * 86400
-    for d in root.glob("kernel-*"):
-        if d == keep or not d.is_dir() or ".build-" in d.name:
-            continue
-        stamp = d / "stamp"
-        used = stamp.stat().st_mtime if stamp.exists() else d.stat().st_mtime
-        if used < limit:
-            shutil.rmtree(d, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                (root / f"{d.name}.lock").unlink()

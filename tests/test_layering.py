@@ -91,9 +91,10 @@ RULES = (
     LayerRule("ci/provision_venv.py", only=("ci",)),
     LayerRule("ci/provision_qemu.py", only=("ci",)),
     LayerRule("ci/provision_old_qemu.py", only=("ci",)),
-    LayerRule("guests/build.py", only=("ci", "guests.kernel", "guests.packages")),
-    LayerRule("guests/kernel.py", only=("ci", "guests.packages")),
+    LayerRule("guests/build.py", only=("ci", "guests.cache", "guests.kernel", "guests.packages")),
+    LayerRule("guests/kernel.py", only=("ci", "guests.cache", "guests.packages")),
     LayerRule("guests/packages.py", only=("ci",)),
+    LayerRule("guests/cache.py", only=()),
     LayerRule("guests/agent.py", only=()),
 )
 
