@@ -408,7 +408,6 @@ def build(force: bool = False) -> Path:
             info: dict[str, object] = {
                 "kernel_release": kernel.release,
                 "kernel_source": kernel.source,
-                "kernel_boot": "pvh",
             }
             info["packages"] = {n: p.name for n, p in sorted(files.items())}
             info["recipe"] = recipe_hash()

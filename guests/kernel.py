@@ -34,10 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from ci.private_apt import ProvisionError
-from ci.private_apt import unpack as unpack_debs
 from guests.cache import build_lock, prune, touch
-from guests.packages import BuildError, download, run
+from guests.packages import BuildError, download, run, unpack_merged
 
 __all__ = ["CONFIG", "GuestKernel", "build_kernel", "dropped_options", "has_pvh_note"]
 
@@ -142,11 +140,8 @@ def build_kernel(root: Path, apt_opts: list[str], debs: Path) -> GuestKernel:
             work = Path(tmp)
             files = download([SOURCE_PACKAGE, *TOOL_PACKAGES], debs, apt_opts)
             tools = work / "tools"
-            try:
-                unpack_debs([files[p] for p in TOOL_PACKAGES], tools)
-                unpack_debs([files[SOURCE_PACKAGE]], work / "source")
-            except ProvisionError as e:
-                raise BuildError(str(e)) from e
+            unpack_merged([files[p] for p in TOOL_PACKAGES], tools)
+            unpack_merged([files[SOURCE_PACKAGE]], work / "source")
             tree = _extract_tree(work / "source", work / "tree")
             make = _make_argv(tree, tools)
             env = _tool_env(tools)

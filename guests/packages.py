@@ -14,7 +14,7 @@ from pathlib import Path
 from ci.private_apt import PrivateApt, ProvisionError
 from ci.private_apt import unpack as unpack_debs
 
-__all__ = ["BuildError", "bookworm_apt", "download", "run", "unpack"]
+__all__ = ["BuildError", "bookworm_apt", "download", "run", "unpack", "unpack_merged"]
 
 
 class BuildError(Exception):
@@ -76,15 +76,20 @@ def download(packages: Iterable[str], debs: Path, apt_opts: list[str]) -> dict[s
     return wanted
 
 
+def unpack_merged(debs: Iterable[Path], root: Path) -> None:
+    """The packages unpacked over each other into one tree at `root`."""
+    try:
+        unpack_debs(list(debs), root)
+    except ProvisionError as e:
+        raise BuildError(str(e)) from e
+
+
 def unpack(debs: dict[str, Path], into: Path) -> dict[str, Path]:
     """Each package unpacked into its own directory under `into`; name -> that directory."""
     roots = {}
     for name, deb in debs.items():
         root = into / name
         root.mkdir(parents=True)
-        try:
-            unpack_debs([deb], root)
-        except ProvisionError as e:
-            raise BuildError(str(e)) from e
+        unpack_merged([deb], root)
         roots[name] = root
     return roots
